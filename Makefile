@@ -1,0 +1,22 @@
+# The two commands of the README. Both create .venv with pip when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint
+run: $(STAMP)
+	$(VENV)/bin/dvc repro
+	$(PY) -m pipeline.summary
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline stages tests bench
+	$(VENV)/bin/ruff format --check pipeline stages tests bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)

@@ -1,0 +1,1 @@
+"""ProDA domain-adaptive semantic segmentation as a cached, monitored pipeline."""

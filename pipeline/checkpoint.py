@@ -1,0 +1,81 @@
+"""Atomic checkpoint files, loaded with ``weights_only=True``; resume state fingerprinted by its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not fit; the message names the file."""
+
+
+def save_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save to a sibling temp file, then rename: a kill never leaves a half-written file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign file: say which
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Hash of a stage's inputs (params sections, input file hashes) so stale resume state is never used."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_v": 3}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_v"], tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_payload(state_dict: dict, meta: dict) -> dict:
+    """A deployable model file: weights plus what is needed to rebuild and check it."""
+    return {"model": state_dict, "meta": meta}
+
+
+def load_model_file(path: str | Path, expect_classes: list[str] | None = None) -> dict:
+    """Loads a model file written by a training stage; checks its class list against the dataset's."""
+    ckpt = load(path)
+    if "model" not in ckpt or "meta" not in ckpt:
+        raise CheckpointError(f"{path} is not a model file written by this pipeline (no 'model'/'meta')")
+    names = ckpt["meta"].get("class_names")
+    if expect_classes is not None and names != list(expect_classes):
+        raise CheckpointError(
+            f"{path} was trained for {len(names or [])} classes {names[:3] if names else []}..., "
+            f"the dataset has {len(expect_classes)}"
+        )
+    return ckpt

@@ -1,0 +1,361 @@
+"""Typed, validated parameters: ``params.yaml`` is loaded once into these objects.
+
+Every section forbids unknown keys, so a typo stops the run with the key's dotted path in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Prob = Annotated[float, Field(ge=0, le=1)]
+Size = tuple[PosInt, PosInt]  # (height, width)
+
+
+# Where `generate` writes the embedded dataset: fixed by dvc.yaml's declared output.
+EMBEDDED_ROOT = "data/embedded"
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used; the message names the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class EmbeddedParams(Strict):
+    """The procedurally generated default dataset (GTA5 layout source, Cityscapes layout target).
+
+    The style sections override the generator's domain defaults knob by knob (``pipeline.synth.SynthStyle``
+    documents each); an unknown knob is an error.
+    """
+
+    seed: int
+    height: Annotated[int, Field(ge=8)]
+    width: Annotated[int, Field(ge=8)]
+    n_source: PosInt
+    n_target_train: PosInt
+    n_target_val: PosInt
+    source_style: dict[str, Any] = {}
+    target_style: dict[str, Any] = {}
+
+    @field_validator("source_style", "target_style")
+    @classmethod
+    def _known_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.synth import SynthStyle
+
+        known = {f.name for f in fields(SynthStyle)}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown style knob(s) {unknown}; known: {sorted(known)}")
+        TypeAdapter(SynthStyle).validate_python({**SynthStyle().to_dict(), **v})
+        return v
+
+    def synth_config(self):
+        from pipeline.synth import SynthConfig, SynthStyle, source_style, target_style
+
+        return SynthConfig(
+            seed=self.seed,
+            height=self.height,
+            width=self.width,
+            n_source=self.n_source,
+            n_target_train=self.n_target_train,
+            n_target_val=self.n_target_val,
+            source_style=SynthStyle.from_dict(self.source_style, base=source_style()),
+            target_style=SynthStyle.from_dict(self.target_style, base=target_style()),
+        )
+
+
+class DomainParams(Strict):
+    kind: Literal["gta5", "synthia", "cityscapes"]
+    root: str
+    # Optional (height, width) the images are resized to when read (the paper resizes GTA5 to 1280x720).
+    resize: Size | None = None
+
+
+class DataParams(Strict):
+    # When set, `prepare` generates the embedded dataset into the source/target roots first.
+    embedded: EmbeddedParams | None = None
+    source: DomainParams
+    target: DomainParams
+    num_classes: Literal[19, 16, 13]
+    num_workers: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check_kinds(self) -> DataParams:
+        if self.target.kind != "cityscapes":
+            raise ValueError(f"data.target.kind: only 'cityscapes' layout targets exist, got '{self.target.kind}'")
+        if self.source.kind == "cityscapes":
+            raise ValueError("data.source.kind: the source must be 'gta5' or 'synthia'")
+        if self.source.kind == "gta5" and self.num_classes != 19:
+            raise ValueError(f"data.num_classes: GTA5 has 19 classes, got {self.num_classes}")
+        if self.source.kind == "synthia" and self.num_classes == 19:
+            raise ValueError("data.num_classes: SYNTHIA has 16 classes (or the 13-class subset), got 19")
+        if self.embedded is not None:
+            for key, dom, sub, kind in (
+                ("source", self.source, "source", "gta5"),
+                ("target", self.target, "target", "cityscapes"),
+            ):
+                want = f"{EMBEDDED_ROOT}/{sub}"
+                if Path(dom.root) != Path(want) or dom.kind != kind:
+                    raise ValueError(
+                        f"data.{key}: with data.embedded set, the {key} must be kind '{kind}' at '{want}' "
+                        f"(the generated data); set data.embedded to null to use other data"
+                    )
+        return self
+
+    def image_size(self, domain: Literal["source", "target"]) -> Size | None:
+        d = getattr(self, domain)
+        if d.resize is not None:
+            return d.resize
+        if self.embedded is not None:
+            return (self.embedded.height, self.embedded.width)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelParams(Strict):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+    width: PosInt = 64
+    output_stride: Literal[8, 16, 32] = 8
+    feat_dim: PosInt = 256
+    head_dilations: tuple[PosInt, ...] = (6, 12, 18, 24)
+    dropout: Prob = 0.1
+    gn_groups: PosInt = 32
+    se_reduction: PosInt = 16
+    freeze_bn: bool = False
+    # Local torchvision-format ResNet state dict; never downloaded. null = random init.
+    pretrained: str | None = None
+
+
+# ------------------------------------------------------------------------------------------- training
+class ViewParams(Strict):
+    crop: Size
+    # Random rescale factor range relative to the (resized) image.
+    scale_range: tuple[PosFloat, PosFloat] = (0.5, 1.5)
+    hflip_p: Prob = 0.5
+
+    @model_validator(mode="after")
+    def _order(self) -> ViewParams:
+        if self.scale_range[0] > self.scale_range[1]:
+            raise ValueError("scale_range: lower bound above upper bound")
+        return self
+
+
+class StrongParams(Strict):
+    num_ops: NonNegInt = 2
+    magnitude_range: tuple[PosInt, PosInt] = (1, 9)
+    op_p: Prob = 0.5
+    cutout: bool = True
+    cutout_frac: Prob = 1 / 3
+
+
+class OptimParams(Strict):
+    iters: PosInt
+    batch_size: PosInt  # global batch (split over DDP ranks)
+    accum_steps: PosInt = 1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: PosFloat
+    head_lr_mult: PosFloat = 10.0
+    momentum: NonNegFloat = 0.9
+    weight_decay: NonNegFloat = 2e-4
+    poly_power: NonNegFloat = 0.9
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    eval_every: NonNegInt = 0  # 0: only at the end
+    ckpt_every: PosInt = 100
+    log_every: PosInt = 10
+
+
+class AdversarialParams(Strict):
+    enabled: bool = False
+    weight: NonNegFloat = 0.01
+    lr: PosFloat = 1e-4
+    betas: tuple[Prob, Prob] = (0.9, 0.99)
+    ndf: PosInt = 64
+
+
+class WarmupParams(Strict):
+    optim: OptimParams
+    view: ViewParams
+    adversarial: AdversarialParams = AdversarialParams()
+
+
+class OracleParams(Strict):
+    optim: OptimParams
+    view: ViewParams
+
+
+class PseudoLabelParams(Strict):
+    batch_size: PosInt = 4
+    soft_dtype: Literal["float16", "uint8"] = "float16"
+    # Confidence threshold used only to report pseudo-label quality (coverage, accuracy of kept pixels).
+    quality_threshold: Prob = 0.0
+
+
+class PrototypeParams(Strict):
+    min_pixels: PosInt = 10
+    batch_size: PosInt = 4
+
+
+class LossSwitch(Strict):
+    enabled: bool = True
+    weight: NonNegFloat = 1.0
+
+
+class AdaptParams(Strict):
+    optim: OptimParams
+    view: ViewParams
+    strong: StrongParams = StrongParams()
+    ema_momentum: Prob = 0.999
+    proto_momentum: Prob = 0.9999
+    tau: PosFloat = 1.0
+    min_pixels: PosInt = 10
+    # Target-side terms are computed at this fraction of the crop (the paper: 1/4).
+    target_scale: Prob = 0.25
+    source_ce: LossSwitch = LossSwitch()
+    rectify: bool = True
+    # Symmetric CE on the rectified label; with sce.enabled false a plain CE is used.
+    sce: LossSwitch = LossSwitch()
+    sce_alpha: NonNegFloat = 0.1
+    sce_beta: NonNegFloat = 1.0
+    conf_threshold: Prob = 0.0
+    structure_kl: LossSwitch = LossSwitch(weight=10.0)
+    regulariser: LossSwitch = LossSwitch(weight=0.1)
+
+
+class TeacherParams(Strict):
+    batch_size: PosInt = 4
+    flip: bool = True
+    store_soft: bool = True
+    soft_dtype: Literal["float16", "uint8"] = "float16"
+    conf_threshold: Prob = 0.95  # used for the quality report; consumers apply their own
+
+
+class RoundParams(Strict):
+    round: PosInt
+    # Model directory of this round's teacher: models/adapt for round 1, models/distill_<r-1> after.
+    teacher: str
+
+
+class DistillParams(Strict):
+    # One entry per KD round (dvc.yaml's `foreach` builds teacher@r and distill@r from it).
+    rounds: list[RoundParams]
+    optim: OptimParams
+    view: ViewParams
+    strong: StrongParams = StrongParams()
+    conf_threshold: Prob = 0.95
+    kd_beta: NonNegFloat = 1.0
+    source_ce: LossSwitch = LossSwitch()
+    # "previous": start from the teacher's weights; "pretrained": backbone from model.pretrained_student.
+    student_init: Literal["previous", "pretrained", "scratch"] = "previous"
+    student_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _rounds(self) -> DistillParams:
+        for i, r in enumerate(self.rounds):
+            want = "models/adapt" if i == 0 else f"models/distill_{i}"
+            if r.round != i + 1 or r.teacher.rstrip("/") != want:
+                raise ValueError(
+                    f"rounds[{i}]: round {i + 1} must read its teacher from '{want}', got round {r.round} "
+                    f"teacher '{r.teacher}'"
+                )
+        if self.student_init == "pretrained" and not self.student_weights:
+            raise ValueError("student_weights: required when student_init is 'pretrained'")
+        return self
+
+
+class EvaluateParams(Strict):
+    batch_size: PosInt = 4
+    n_overlays: NonNegInt = 4
+
+
+class BaseParams(Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: NonNegInt = 0  # torch CPU threads; 0 = torch's default
+
+
+class Params(Strict):
+    base: BaseParams
+    data: DataParams
+    model: ModelParams
+    warmup: WarmupParams
+    oracle: OracleParams
+    pseudo_label: PseudoLabelParams = PseudoLabelParams()
+    prototypes: PrototypeParams = PrototypeParams()
+    adapt: AdaptParams
+    teacher: TeacherParams = TeacherParams()
+    distill: DistillParams
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _crops_fit(self) -> Params:
+        checks = [
+            ("warmup.view.crop", self.warmup.view, "source"),
+            ("oracle.view.crop", self.oracle.view, "target"),
+            ("adapt.view.crop", self.adapt.view, "target"),
+            ("distill.view.crop", self.distill.view, "target"),
+        ]
+        for key, view, domain in checks:
+            size = self.data.image_size(domain)
+            if size is None:
+                continue
+            max_scale = view.scale_range[1]
+            if view.crop[0] > size[0] * max_scale or view.crop[1] > size[1] * max_scale:
+                raise ValueError(
+                    f"{key}: crop {list(view.crop)} is larger than the {domain} image {list(size)} "
+                    f"even at the largest rescale {max_scale}"
+                )
+        if self.model.feat_dim % min(self.model.gn_groups, self.model.feat_dim):
+            raise ValueError(f"model.gn_groups: {self.model.gn_groups} does not divide feat_dim")
+        return self
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid parameters"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], path: str | Path = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(Path(path), err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; any problem raises ParamsError naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return parse_params(raw, path)

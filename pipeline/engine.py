@@ -1,0 +1,365 @@
+"""The one training loop every training stage uses.
+
+Iteration-based (the poly schedule sees the true iteration count), gradient accumulation, bf16 autocast on
+GPU, DDP, progress bar, CSV curves for ``dvc plots``, periodic target-val evaluation, last/best model files,
+and exact resume: a killed run restarted by the same command continues from its resume state (models,
+optimizers, EMA/prototypes, RNG, data position, iteration) and ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import OptimParams
+from pipeline.datasets import index_seed
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from pipeline.metrics import ConfusionMatrix
+
+
+# ------------------------------------------------------------------------------------------------ data
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """One epoch of a seeded permutation, cut into global batches; each rank takes its slice of a batch.
+
+    Yields ``(index, augmentation_seed)`` keys so augmentations depend on (seed, epoch, index) only.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, epoch: int, start: int, rank: int, world: int):
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} is not divisible by the {world} DDP processes")
+        if n < global_batch:
+            raise ValueError(f"dataset of {n} images is smaller than one batch of {global_batch}")
+        self.n, self.gb, self.seed, self.epoch, self.start = n, global_batch, seed, epoch, start
+        self.rank, self.per = rank, global_batch // world
+
+    def __len__(self) -> int:
+        return self.n // self.gb - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.start, self.n // self.gb):
+            chunk = perm[b * self.gb : (b + 1) * self.gb][self.rank * self.per : (self.rank + 1) * self.per]
+            yield [(i, index_seed(self.seed, i, self.epoch)) for i in chunk]
+
+
+class Stream:
+    """An endless, resumable stream of batches from a dataset (position = epoch + batches consumed)."""
+
+    def __init__(self, dataset, global_batch: int, seed: int, info: DistInfo, num_workers: int = 0):
+        self.dataset, self.gb, self.seed, self.info, self.num_workers = (
+            dataset,
+            global_batch,
+            seed,
+            info,
+            num_workers,
+        )
+        self.epoch, self.batch = 0, 0
+        self._it: Iterator | None = None
+
+    def _open(self) -> None:
+        sampler = EpochBatchSampler(
+            len(self.dataset),
+            self.gb,
+            self.seed,
+            self.epoch,
+            self.batch,
+            self.info.rank,
+            self.info.world_size,
+        )
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate
+        )
+        self._it = iter(loader)
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._open()
+        try:
+            out = next(self._it)
+        except StopIteration:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._open()
+            out = next(self._it)
+        self.batch += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batch, self._it = state["epoch"], state["batch"], None
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stacks tensors, keeps lists of everything else (ids), and None stays None."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        vals = [s[key] for s in samples]
+        if isinstance(vals[0], torch.Tensor):
+            out[key] = torch.stack(vals)
+        elif isinstance(vals[0], dict):
+            out[key] = collate(vals)
+        else:
+            out[key] = vals
+    return out
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- optimizer
+def poly_factor(it: int, max_iters: int, power: float) -> float:
+    """(1 - it/max)^power, clamped at 0 past the end (never a complex number)."""
+    if max_iters <= 0:
+        raise ValueError("max_iters must be positive")
+    return max(0.0, 1.0 - it / max_iters) ** power
+
+
+def build_optimizer(groups: list[dict], p: OptimParams) -> torch.optim.Optimizer:
+    for g in groups:
+        g.setdefault("base_lr", g["lr"])
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
+
+
+def apply_poly(opt: torch.optim.Optimizer, it: int, max_iters: int, power: float) -> float:
+    f = poly_factor(it, max_iters, power)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * f
+    return opt.param_groups[0]["lr"]
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: torch.Tensor, out_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Class logits of uint8 or [0,1] images, upsampled bilinearly to out_size (default: the input size)."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    logits = model(x)[0]
+    return F.interpolate(logits.float(), size=out_size or x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_size: int = 4
+) -> ConfusionMatrix:
+    """Confusion matrix over the whole split at label resolution; shards across DDP ranks, then reduces."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes)
+    indices = list(range(info.rank, len(dataset), info.world_size))
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start : start + batch_size]]
+        batch = collate(samples)
+        with _autocast(info.device, True):
+            logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
+        cm.update(logits.argmax(1).cpu(), batch["label"])
+    counts = all_reduce_sum(
+        torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu")
+    )
+    cm.counts = counts.cpu().numpy()
+    model.train(was_training)
+    return cm
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # bf16 needs no loss scaling, so no GradScaler state exists to checkpoint.
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ task
+class Task(Protocol):
+    """What a training stage provides to the loop."""
+
+    def modules(self) -> dict[str, nn.Module]: ...  # checkpointed; "model" is the one evaluated and exported
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+
+    def extras(self) -> dict[str, Any]: ...  # objects with state_dict/load_state_dict (EMA, prototypes)
+
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, it: int) -> None: ...
+
+
+@dataclass
+class FitResult:
+    final_metrics: dict
+    best_metrics: dict | None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+class CurveWriter:
+    """Appends rows to a CSV that ``dvc plots`` reads; on resume, rows past the resumed step are dropped."""
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int) -> None:
+        self.path, self.fields = path, ["step", *fields]
+        rows = []
+        if resume_step > 0 and path.is_file():
+            with path.open() as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            w.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
+
+
+def fit(
+    task: Task,
+    streams: dict[str, Stream],
+    p: OptimParams,
+    info: DistInfo,
+    *,
+    name: str,
+    resume_dir: Path,
+    curves_dir: Path,
+    fingerprint: str,
+    evaluator: Callable[[nn.Module], dict] | None,
+    loss_names: list[str],
+    export: Callable[[str, nn.Module, dict | None], None],
+    extra_state: Callable[[], dict] | None = None,
+) -> FitResult:
+    """Runs `p.iters` optimiser steps of `task`; writes model files via `export("last"|"best", model, metrics)`.
+
+    `fingerprint` identifies the run's inputs: resume state written for other inputs is discarded.
+    """
+    t0 = time.time()
+    state_path = resume_dir / "state.pt"
+    start, best_metrics, history = 0, None, []
+    if state_path.is_file():
+        st = ckpt.load(state_path)
+        if st.get("fingerprint") == fingerprint and st.get("world_size") == info.world_size:
+            for k, m in task.modules().items():
+                unwrap(m).load_state_dict(st["modules"][k])
+            for k, o in task.optimizers().items():
+                o.load_state_dict(st["optimizers"][k])
+            for k, e in task.extras().items():
+                e.load_state_dict(st["extras"][k])
+            for k, s in streams.items():
+                s.load_state_dict(st["streams"][k])
+            ckpt.set_rng_state(st["rng"][info.rank] if isinstance(st["rng"], list) else st["rng"])
+            start, best_metrics, history = st["iteration"], st.get("best"), st.get("history", [])
+            if info.is_main:
+                print(f"[{name}] resuming from iteration {start} ({state_path})", flush=True)
+        elif info.is_main:
+            print(f"[{name}] ignoring resume state for other inputs: {state_path}", flush=True)
+    curves = (
+        CurveWriter(curves_dir / "train.csv", [*loss_names, "loss", "lr"], start) if info.is_main else None
+    )
+    evals = CurveWriter(curves_dir / "eval.csv", ["miou"], start) if info.is_main else None
+
+    modules = task.modules()
+    for m in modules.values():
+        m.train()
+    model = modules["model"]
+    bar = tqdm(total=p.iters, initial=start, desc=name, disable=not info.is_main, dynamic_ncols=True)
+    img_count, t_last = 0, time.time()
+    for it in range(start, p.iters):
+        for o in task.optimizers().values():
+            apply_poly(o, it, p.iters, p.poly_power)
+        logs_sum: dict[str, float] = {}
+        for _ in range(p.accum_steps):
+            batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
+            with _autocast(info.device, p.amp):
+                loss, logs = task.loss(batch, it)
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")
+            (loss / p.accum_steps).backward()
+            for k, v in {**logs, "loss": float(loss)}.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + v / p.accum_steps
+            img_count += sum(b["image"].shape[0] for b in batch.values())
+        for o in task.optimizers().values():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        task.after_step(it)
+        step = it + 1
+        first_lr = next(iter(task.optimizers().values())).param_groups[0]["lr"]
+        if info.is_main:
+            bar.update(1)
+            if step % p.log_every == 0 or step == p.iters:
+                dt = max(time.time() - t_last, 1e-9)
+                bar.set_postfix(
+                    {k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"}
+                )
+                img_count, t_last = 0, time.time()
+                curves.write(step, {**logs_sum, "lr": first_lr})
+        if evaluator is not None and p.eval_every and step % p.eval_every == 0 and step < p.iters:
+            metrics = evaluator(unwrap(model))
+            history.append({"step": step, "miou": metrics["miou"]})
+            if info.is_main:
+                evals.write(step, {"miou": metrics["miou"]})
+                if best_metrics is None or metrics["miou"] > best_metrics["miou"]:
+                    best_metrics = {**metrics, "step": step}
+                    export("best", unwrap(model), best_metrics)
+        if step % p.ckpt_every == 0 and step < p.iters:
+            _save_state(task, streams, info, state_path, fingerprint, step, best_metrics, history)
+    bar.close()
+    final = evaluator(unwrap(model)) if evaluator is not None else {}
+    if info.is_main:
+        if final:
+            history.append({"step": p.iters, "miou": final["miou"]})
+            evals.write(p.iters, {"miou": final["miou"]})
+        if best_metrics is None or (final and final["miou"] >= best_metrics["miou"]):
+            best_metrics = {**final, "step": p.iters} if final else None
+            export("best", unwrap(model), best_metrics)
+        export("last", unwrap(model), final)
+    barrier()
+    if info.is_main and resume_dir.exists():
+        shutil.rmtree(resume_dir)  # finished: resume state would only be stale from now on
+    return FitResult(final, best_metrics, history, time.time() - t0, start)
+
+
+def _save_state(task, streams, info, path, fingerprint, step, best, history) -> None:
+    rng = ckpt.rng_state()
+    if info.enabled:
+        gathered: list = [None] * info.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if info.is_main:
+        ckpt.save_atomic(
+            {
+                "fingerprint": fingerprint,
+                "world_size": info.world_size,
+                "iteration": step,
+                "modules": {k: unwrap(m).state_dict() for k, m in task.modules().items()},
+                "optimizers": {k: o.state_dict() for k, o in task.optimizers().items()},
+                "extras": {k: e.state_dict() for k, e in task.extras().items()},
+                "streams": {k: s.state_dict() for k, s in streams.items()},
+                "rng": rng,
+                "best": best,
+                "history": history,
+            },
+            path,
+        )
+    barrier()

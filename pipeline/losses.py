@@ -1,0 +1,214 @@
+"""Loss functions of the ProDA recipe (pure torch, computed in float32).
+
+Conventions shared by every function here:
+
+* ``logits`` are ``[B, K, h, w]``; hard targets are ``[B, H, W]`` long tensors with ``ignore_index`` marking
+  pixels without a label. When a hard target is larger than the logits, the logits are upsampled bilinearly
+  (``align_corners=False``) to the target size, as the public code does.
+* ``valid`` masks are bool tensors broadcastable to ``[B, h, w]``; ``None`` means every pixel counts.
+* Every "mean over valid pixels" is ``sum / max(count, 1)``: with no valid pixel the loss is an exact 0 that
+  still belongs to the autograd graph (``backward()`` works and gives zero gradients), instead of the NaN that
+  ``F.cross_entropy`` returns when all pixels are ignored. This needs no host-device synchronisation.
+* Everything is computed in float32 (inputs are cast with ``.float()``), so losses are safe under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "cross_entropy",
+    "symmetric_ce",
+    "structure_kl",
+    "entropy_regulariser",
+    "kd_kl",
+    "lsgan_d_loss",
+    "lsgan_g_loss",
+    "masked_ce_hard",
+    "SOURCE_LABEL",
+    "TARGET_LABEL",
+]
+
+# LS-GAN domain labels (output-space alignment, AdaptSegNet style): the discriminator is trained to output
+# SOURCE_LABEL on source predictions and TARGET_LABEL on target predictions; the segmentation network is
+# trained to make target predictions look like source ones (target scored against SOURCE_LABEL).
+SOURCE_LABEL = 1.0
+TARGET_LABEL = 0.0
+
+
+def _match_size(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Upsample ``logits`` bilinearly to ``size`` (h, w) when they differ; always returns float32."""
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != tuple(size):
+        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def _valid_mask(valid: Tensor | None, b: int, h: int, w: int, device: torch.device) -> Tensor:
+    """Broadcast an optional bool mask to ``[B, h, w]``."""
+    if valid is None:
+        return torch.ones((b, h, w), dtype=torch.bool, device=device)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid mask must be bool, got {valid.dtype}")
+    try:
+        return torch.broadcast_to(valid.to(device), (b, h, w))
+    except RuntimeError as exc:
+        msg = f"valid mask of shape {tuple(valid.shape)} does not broadcast to {(b, h, w)}"
+        raise ValueError(msg) from exc
+
+
+def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``per_pixel`` [B,h,w] over ``valid`` pixels; 0 (graph intact) when none is valid.
+
+    ``torch.where`` (not multiplication) keeps NaN/inf of excluded pixels out of the sum.
+    """
+    total = torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum()
+    return total / valid.sum().clamp_min(1)
+
+
+def _check_target(logits: Tensor, target: Tensor) -> None:
+    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
+        raise ValueError(f"expected logits [B,K,h,w] and target [B,H,W], got {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}")
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Pixel-wise cross entropy, mean over pixels whose target is not ``ignore_index``."""
+    _check_target(logits, target)
+    logits = _match_size(logits, target.shape[-2:])
+    target = target.long()
+    valid = target != ignore_index
+    per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    return _masked_mean(per_pixel, valid)
+
+
+def symmetric_ce(
+    logits: Tensor,
+    target: Tensor,
+    alpha: float,
+    beta: float,
+    ignore_index: int = 255,
+    log_clamp: float = 1e-4,
+) -> Tensor:
+    """Symmetric cross entropy (Wang et al., ICCV 2019): ``alpha * CE + beta * RCE``.
+
+    The reverse term swaps prediction and label: ``RCE = -sum_k p_k log q_k`` with ``p`` the softmax and
+    ``q`` the one-hot label. ``log 0`` is undefined, so ``q`` is clamped to ``[log_clamp, 1]`` (ProDA and the
+    SCE paper use 1e-4): the true class contributes ``log 1 = 0`` and every other class ``log(log_clamp)``,
+    i.e. ``RCE = -log(log_clamp) * (1 - p_y)``, a bounded loss that is robust to noisy labels.
+    Both terms are averaged over the non-ignored pixels.
+    """
+    _check_target(logits, target)
+    logits = _match_size(logits, target.shape[-2:])
+    target = target.long()
+    valid = target != ignore_index
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+    # gather needs an in-range index: ignored pixels read class 0 and are masked out afterwards.
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    p_y = F.softmax(logits, dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    rce = -torch.log(torch.tensor(log_clamp, dtype=logits.dtype, device=logits.device)) * (1.0 - p_y)
+    return _masked_mean(alpha * ce + beta * rce, valid)
+
+
+def _kl_per_pixel(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
+    """``sum_k p_T (log p_T - log p_S)`` per pixel from log-probabilities, with ``0 log 0 = 0``.
+
+    Classes with ``p_T = 0`` (e.g. empty prototypes whose logit is ``-inf``) are dropped with ``torch.where``
+    so that ``0 * (-inf - -inf) = NaN`` never enters the sum.
+    """
+    p_teacher = log_p_teacher.exp()
+    terms = p_teacher * (log_p_teacher - log_p_student)
+    terms = torch.where(p_teacher > 0, terms, torch.zeros_like(terms))
+    return terms.sum(dim=1)
+
+
+def structure_kl(teacher_logits: Tensor, student_logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Structure-learning loss ``KL(z_T || z_T')`` of ProDA stage 1.
+
+    ``teacher_logits`` (EMA model, weak view, warped into the strong view) and ``student_logits`` (student,
+    strong view) are prototype logits ``-||f - eta_k|| / tau`` (see ``prototypes.proto_logits``), both
+    ``[B, K, h, w]``. The per-pixel KL is summed over classes and averaged over the ``valid`` pixels (not
+    padded, not cut out, inside the warped teacher's support). The teacher is detached.
+
+    Both distributions come from ``log_softmax``; the public code fed probabilities to ``F.kl_div``, whose
+    input must be log-probabilities. Empty prototypes (``-inf`` logits in both) contribute ``0 log 0 = 0``.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
+                         "logits must have the same shape")
+    b, _, h, w = student_logits.shape
+    log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
+    log_s = F.log_softmax(student_logits.float(), dim=1)
+    return _masked_mean(_kl_per_pixel(log_t, log_s), _valid_mask(valid, b, h, w, student_logits.device))
+
+
+def entropy_regulariser(logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """ProDA's ``reg`` term: ``-mean(log p_t)`` over valid pixels and all classes.
+
+    Minimising it keeps every class probability away from 0 (a KL to the uniform distribution up to a
+    constant), which prevents empty clusters / degenerate predictions. Uses ``log_softmax`` for stability.
+    """
+    b, k, h, w = logits.shape
+    log_p = F.log_softmax(logits.float(), dim=1)
+    mask = _valid_mask(valid, b, h, w, logits.device)
+    # Mean over (pixels x classes) = (mean over pixels of the per-pixel class sum) / K.
+    return _masked_mean(-log_p.sum(dim=1), mask) / k
+
+
+def kd_kl(teacher_probs: Tensor, student_logits: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Distillation term ``KL(p_teacher || p_student)``, per-pixel sum over classes, mean over valid pixels.
+
+    ``teacher_probs`` are probabilities ``[B, K, H, W]`` (detached); the student's logits are upsampled to
+    the teacher's size if needed and turned into log-probabilities with ``log_softmax`` -- the public code
+    passed ``softmax`` to ``F.kl_div``, which makes the loss go negative. The result is ``>= 0`` and exactly 0
+    when the distributions are equal.
+    """
+    if teacher_probs.dim() != 4 or student_logits.dim() != 4:
+        raise ValueError("teacher_probs and student_logits must be [B,K,h,w]")
+    b, _, h, w = teacher_probs.shape
+    log_s = F.log_softmax(_match_size(student_logits, (h, w)), dim=1)
+    p_t = teacher_probs.detach().float()
+    # xlogy gives 0 log 0 = 0; where() drops classes without teacher mass (the student may be -inf there).
+    terms = torch.xlogy(p_t, p_t) - p_t * log_s
+    terms = torch.where(p_t > 0, terms, torch.zeros_like(terms))
+    return _masked_mean(terms.sum(dim=1), _valid_mask(valid, b, h, w, student_logits.device))
+
+
+def lsgan_d_loss(d_out_real: Tensor, d_out_fake: Tensor) -> Tensor:
+    """LS-GAN discriminator loss: ``0.5 * (MSE(D(source), 1) + MSE(D(target), 0))``.
+
+    "Real" is the source domain (``SOURCE_LABEL = 1``), "fake" the target domain (``TARGET_LABEL = 0``);
+    the inputs are discriminator outputs on (detached) softmax predictions. The 0.5 matches AdaptSegNet, which
+    halves each of the two terms.
+    """
+    real = d_out_real.float()
+    fake = d_out_fake.float()
+    return 0.5 * (F.mse_loss(real, torch.full_like(real, SOURCE_LABEL))
+                  + F.mse_loss(fake, torch.full_like(fake, TARGET_LABEL)))
+
+
+def lsgan_g_loss(d_out_fake_as_real: Tensor) -> Tensor:
+    """LS-GAN adversarial loss of the segmentation net: ``MSE(D(target), SOURCE_LABEL)`` (weight outside)."""
+    out = d_out_fake_as_real.float()
+    return F.mse_loss(out, torch.full_like(out, SOURCE_LABEL))
+
+
+def masked_ce_hard(
+    logits: Tensor,
+    target: Tensor,
+    conf: Tensor,
+    threshold: float,
+    ignore_index: int = 255,
+) -> Tensor:
+    """Cross entropy on hard pseudo labels, only where the teacher's confidence ``conf >= threshold``.
+
+    ``conf`` has the target's shape ``[B, H, W]``; pixels below the threshold (and ``ignore_index`` pixels)
+    are excluded from the mean. The threshold is the consumer's (the recipe keeps confidence > 0.95).
+    """
+    if conf.shape != target.shape:
+        raise ValueError(f"conf {tuple(conf.shape)} must have the target's shape {tuple(target.shape)}")
+    target = target.long()
+    target = torch.where(conf.float() >= threshold, target, torch.full_like(target, ignore_index))
+    return cross_entropy(logits, target, ignore_index=ignore_index)

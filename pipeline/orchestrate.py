@@ -1,0 +1,156 @@
+"""The whole DVC pipeline as one Prefect flow: ``dvc repro --single-item <stage>`` per stage, in DVC's order.
+
+When to use which:
+
+* ``dvc repro`` (or ``dvc exp run``) is the everyday entry point. It needs no server; each stage still
+  reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.flows`).
+* ``python -m pipeline.orchestrate run`` starts the pipeline from Prefect: one flow run with a task run per
+  stage (state, duration, log of each), next to the stages' own flow runs.
+  ``python -m pipeline.orchestrate serve`` keeps a process serving that flow, so a run can be started (or
+  scheduled) from the Prefect UI.
+
+DVC's cache still decides what runs: a stage whose dependencies did not change is a quick no-op (~1 s for
+DVC's check). ``--force`` re-runs the selected stages regardless. Both commands need a running server::
+
+    prefect server start --host 127.0.0.1 --port 4200
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.flows import server_available
+
+TAIL_LINES = 40
+
+
+class StageFailed(RuntimeError):
+    """``dvc repro`` of one stage exited non-zero."""
+
+
+def stage_order(repo_root: str | os.PathLike[str] = ".") -> list[str]:
+    """The pipeline stages of the DVC repo at ``repo_root``, dependencies first (``foreach`` items as ``name@item``).
+
+    Ties are broken by name, so the order is stable across calls. ``.dvc`` files are not stages.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(os.fspath(repo_root)) as repo:
+        # DVC's graph has an edge from each stage to the stages it depends on; reverse it for run order.
+        graph = repo.index.graph.reverse(copy=False)
+
+        def address(stage: PipelineStage) -> str:
+            # Like stage.addressing, but relative to the repo root rather than the current directory:
+            # these names are given to `dvc repro` run in the repo root.
+            dvcfile = os.path.relpath(stage.path, repo.root_dir)
+            return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+
+        ordered = nx.lexicographical_topological_sort(graph, key=lambda s: getattr(s, "name", "") or s.path)
+        return [address(s) for s in ordered if isinstance(s, PipelineStage)]
+
+
+def repro_stage(stage: str, repo_root: str | os.PathLike[str], force: bool = False) -> str:
+    """Run ``dvc repro --single-item [--force] <stage>``, echoing its output; "skipped" if DVC's cache was hit.
+
+    Raises :class:`StageFailed` with the stage name, exit code and the last lines of output (stderr merged
+    into stdout, so a traceback lands in the tail) on a non-zero exit.
+    """
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    skipped = False
+    with subprocess.Popen(
+        cmd,
+        cwd=os.fspath(repo_root),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # streamed, so a long stage's progress shows up while it runs
+            line = line.rstrip()
+            if line:  # DVC's blank spacer lines would be empty Prefect log entries
+                print(line, flush=True)
+                tail.append(line)
+            skipped |= "didn't change, skipping" in line
+    if proc.returncode != 0:
+        raise StageFailed(f"DVC stage {stage!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+    return "skipped" if skipped else "ran"
+
+
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
+def repro_stage_task(stage: str, repo_root: str, force: bool = False) -> str:
+    return repro_stage(stage, repo_root, force)
+
+
+def _select(order: list[str], stages: list[str] | None) -> list[str]:
+    if not stages:
+        return order
+    # A foreach group name selects all its items ("train" -> "train@gta", "train@synthia").
+    picked = [s for s in order if any(s == x or s.startswith(f"{x}@") for x in stages)]
+    unknown = [x for x in stages if not any(s == x or s.startswith(f"{x}@") for s in order)]
+    if unknown:
+        raise ValueError(f"unknown DVC stage(s) {unknown}; stages are {order}")
+    return picked
+
+
+@flow(name="dvc-pipeline", log_prints=True, persist_result=False)
+def pipeline_flow(repo_root: str = ".", stages: list[str] | None = None, force: bool = False) -> dict[str, str]:
+    """Reproduce the DVC pipeline stage by stage (dependencies first); stop at the first failing stage.
+
+    ``stages`` restricts the run to those stages (still in DVC's order, upstream stages are not added);
+    ``force`` re-runs them even if DVC's cache says they are up to date. Returns stage -> "ran"/"skipped".
+    """
+    root = str(Path(repo_root).resolve())
+    results: dict[str, str] = {}
+    for stage in _select(stage_order(root), stages):
+        results[stage] = repro_stage_task(stage, root, force)
+    print("pipeline: " + ", ".join(f"{s}={r}" for s, r in results.items()))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.orchestrate", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="run the pipeline once as a Prefect flow run")
+    run_p.add_argument("--stage", action="append", help="only this stage (repeatable; default: all)")
+    run_p.add_argument("--force", action="store_true", help="re-run stages even if DVC's cache is up to date")
+    serve_p = sub.add_parser("serve", help="serve the flow so runs can be started from the Prefect UI")
+    serve_p.add_argument("--name", default="dvc-pipeline", help="deployment name shown in the UI")
+    for p in (run_p, serve_p):
+        p.add_argument("--repo", default=".", help="DVC repository root (default: current directory)")
+    args = ap.parse_args(argv)
+
+    url = server_available(timeout=2.0)
+    if url is None:
+        print(
+            "No Prefect server answers (PREFECT_API_URL unset or not reachable). Start one and point to it:\n"
+            "    prefect server start --host 127.0.0.1 --port 4200\n"
+            "    export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
+            "or run the pipeline without Prefect orchestration: dvc repro",
+            file=sys.stderr,
+        )
+        return 2
+    # Stage processes inherit this, so their flow runs go to the same server as this one.
+    os.environ["PREFECT_API_URL"] = url
+    repo = str(Path(args.repo).resolve())
+    if args.command == "run":
+        pipeline_flow(repo_root=repo, stages=args.stage, force=args.force)
+    else:
+        pipeline_flow.serve(name=args.name, parameters={"repo_root": repo})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

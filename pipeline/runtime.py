@@ -1,0 +1,125 @@
+"""What every stage shares: parameter loading, seeding, devices/DDP, datasets from manifests, model files.
+
+Paths between stages are declared in ``dvc.yaml`` and passed explicitly; nothing is found implicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import ModelParams, Params, load_params
+from pipeline.datasets import LabelMapper, SegDataset, read_manifest
+from pipeline.distributed import DistInfo, init_distributed
+from pipeline.labels import class_names
+from pipeline.models import SegModel, build_model
+
+MANIFESTS = Path("data/manifests")
+
+
+@dataclass
+class Context:
+    stage: str
+    params: Params
+    info: DistInfo
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(stage: str, params_path: str | Path = "params.yaml") -> Context:
+    """Loads and validates params, sets threads/seeds/determinism, and joins the DDP group under torchrun."""
+    params = load_params(params_path)
+    if params.base.threads:
+        torch.set_num_threads(params.base.threads)
+    info = init_distributed(params.base.device)
+    seed_everything(params.base.seed + info.rank)
+    if info.device.type == "cpu":
+        # Bit-identical CPU runs for a seed (the resume and DDP tests rely on it).
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return Context(stage, params, info, class_names(params.data.num_classes))
+
+
+def manifest_path(name: str) -> Path:
+    return MANIFESTS / f"{name}.json"
+
+
+def dataset(ctx: Context, name: str, with_labels: bool, transform=None) -> SegDataset:
+    """Dataset from a prepare-stage manifest: ``source``, ``target_train`` or ``target_val``.
+
+    Unlabelled use of the target (adaptation) passes ``with_labels=False`` so ground truth is never read.
+    """
+    d = ctx.params.data
+    domain = d.source if name == "source" else d.target
+    size = d.image_size("source" if name == "source" else "target")
+    mapper = LabelMapper(domain.kind, d.num_classes) if with_labels else None
+    return SegDataset(read_manifest(manifest_path(name)), mapper, size if domain.resize else None, transform)
+
+
+def new_model(mp: ModelParams, num_classes: int) -> SegModel:
+    return build_model(
+        mp.backbone,
+        num_classes,
+        width=mp.width,
+        output_stride=mp.output_stride,
+        feat_dim=mp.feat_dim,
+        head_dilations=tuple(mp.head_dilations),
+        dropout=mp.dropout,
+        gn_groups=mp.gn_groups,
+        se_reduction=mp.se_reduction,
+        pretrained=mp.pretrained,
+        freeze_bn=mp.freeze_bn,
+    )
+
+
+def save_model(
+    path: str | Path, model: torch.nn.Module, ctx: Context, mp: ModelParams, extra: dict | None
+) -> None:
+    meta = {
+        "stage": ctx.stage,
+        "class_names": ctx.class_names,
+        "model": mp.model_dump(mode="json"),
+        **(extra or {}),
+    }
+    ckpt.save_atomic(ckpt.model_payload(model.state_dict(), json.loads(json.dumps(meta))), path)
+
+
+def load_model(path: str | Path, ctx: Context) -> SegModel:
+    """Rebuilds a model from its own file (architecture from its metadata) and checks the class list."""
+    data = ckpt.load_model_file(path, ctx.class_names)
+    mp = ModelParams.model_validate({**data["meta"]["model"], "pretrained": None})
+    model = new_model(mp, ctx.num_classes)
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{path} does not fit its declared architecture: {err}") from None
+    return model.to(ctx.info.device)
+
+
+def model_params_of(path: str | Path) -> ModelParams:
+    data = ckpt.load(path)
+    return ModelParams.model_validate({**data["meta"]["model"], "pretrained": None})
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

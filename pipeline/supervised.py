@@ -1,0 +1,116 @@
+"""Supervised training task (source warm-up, oracle) with optional output-space adversarial alignment.
+
+The adversarial part follows AdaptSegNet: an LS-GAN discriminator on the softmax of the upsampled
+predictions; the segmentation net is pushed to make target outputs look like source outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import AdversarialParams, OptimParams
+from pipeline.distributed import unwrap
+from pipeline.engine import FitResult, build_optimizer
+from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
+from pipeline.models import Discriminator, param_groups
+from pipeline.runtime import Context, manifest_path, new_model
+from pipeline.training import WeakTransform, run_training, stream, wrap_ddp
+
+
+class SupervisedTask:
+    """CE on a labelled stream ("labeled"); with `adv.enabled`, LS-GAN alignment to the "target" stream."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        wrapped: nn.Module,
+        optim: OptimParams,
+        num_classes: int,
+        adv: AdversarialParams | None = None,
+        wrap=lambda m: m,
+    ) -> None:
+        self.model, self.net = model, wrapped
+        groups = param_groups(model, optim.lr, optim.head_lr_mult, optim.weight_decay)
+        self._opts = {"model": build_optimizer(groups, optim)}
+        self._mods: dict[str, nn.Module] = {"model": wrapped}
+        self.adv = adv if adv is not None and adv.enabled else None
+        if self.adv is not None:
+            disc = Discriminator(num_classes, ndf=self.adv.ndf).to(next(model.parameters()).device)
+            self.disc = wrap(disc)
+            self._mods["disc"] = self.disc
+            self._opts["disc"] = torch.optim.Adam(
+                [{"params": disc.parameters(), "lr": self.adv.lr, "base_lr": self.adv.lr}],
+                lr=self.adv.lr,
+                betas=tuple(self.adv.betas),
+            )
+
+    def modules(self) -> dict[str, nn.Module]:
+        return self._mods
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return self._opts
+
+    def extras(self) -> dict:
+        return {}
+
+    def after_step(self, it: int) -> None:
+        pass
+
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        src = batch["labeled"]
+        if self.adv is None:
+            logits, _ = self.net(src["image"])
+            ce = cross_entropy(logits, src["label"])
+            return ce, {"ce": ce.item()}
+        tgt = batch["target"]
+        n = src["image"].shape[0]
+        # One forward over both domains: a single DDP forward per step, and shared BN statistics.
+        logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
+        size = src["image"].shape[-2:]
+        probs = F.softmax(
+            F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), dim=1
+        )
+        ce = cross_entropy(logits[:n], src["label"])
+        # Generator term through a frozen copy of the discriminator's weights, so it updates only the net.
+        d = unwrap(self.disc)
+        frozen = {k: v.detach() for k, v in d.named_parameters()}
+        g_adv = lsgan_g_loss(functional_call(d, frozen, (probs[n:],)))
+        d_out = self.disc(probs.detach())
+        d_loss = lsgan_d_loss(d_out[:n], d_out[n:])
+        total = ce + self.adv.weight * g_adv + d_loss
+        return total, {"ce": ce.item(), "adv_g": g_adv.item(), "adv_d": d_loss.item()}
+
+
+def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> FitResult:
+    """The warm-up (labeled = "source") and oracle (labeled = "target_train") stages."""
+    sec = getattr(ctx.params, ctx.stage)
+    adv = getattr(sec, "adversarial", None)
+    model = new_model(ctx.params.model, ctx.num_classes).to(ctx.info.device)
+    task = SupervisedTask(
+        model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx)
+    )
+    tf = WeakTransform(sec.view)
+    streams = {"labeled": stream(ctx, labeled, True, tf, sec.optim.batch_size, salt=0)}
+    names = ["ce"]
+    if task.adv is not None:
+        streams["target"] = stream(ctx, "target_train", False, tf, sec.optim.batch_size, salt=1)
+        names += ["adv_g", "adv_d"]
+    inputs = [ckpt.sha256_file(manifest_path(n)) for n in (labeled, "target_train", "target_val")]
+    return run_training(
+        ctx,
+        task,
+        streams,
+        sec.optim,
+        ctx.params.model,
+        out_dir=out_root / "models" / ctx.stage,
+        metrics_path=out_root / "metrics" / f"{ctx.stage}.json",
+        plots_dir=out_root / "plots" / ctx.stage,
+        loss_names=names,
+        inputs=inputs,
+    )

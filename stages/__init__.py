@@ -1,0 +1,1 @@
+"""Thin DVC stage entry points: parse params, call the library, write declared outputs."""

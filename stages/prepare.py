@@ -1,0 +1,15 @@
+"""Stage `prepare`: validate the dataset roots and write manifests (file lists, per-class pixel counts)."""
+
+from pipeline.datasets import prepare_manifests
+from pipeline.runtime import MANIFESTS, Context, write_json
+from pipeline.stage import run_stage
+
+
+def main(ctx: Context) -> None:
+    summary = prepare_manifests(ctx.params.data, MANIFESTS, ctx.class_names)
+    write_json("metrics/prepare.json", summary)
+    print(f"[prepare] {summary}", flush=True)
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

@@ -1,0 +1,349 @@
+"""StageRun with and without a Prefect server, and the whole-pipeline flow (pipeline.flows, pipeline.orchestrate).
+
+Server tests start one real ``prefect server`` for the module (~15-25 s) and query it over its REST API.
+They are skipped only when prefect is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline import flows
+
+REPO = Path(__file__).resolve().parents[1]
+
+needs_prefect = pytest.mark.skipif(importlib.util.find_spec("prefect") is None, reason="prefect not installed")
+
+# A trivial stage: two steps, metrics, an optional failing step; reports what it saw as JSON on stdout.
+STAGE_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+from pipeline.flows import StageRun
+
+def add(a, b):
+    print("adding", a, b)
+    return a + b
+
+def main(run):
+    x = run.step("first", add, 1, 2)
+    y = run.step("second", add, x, 10)
+    run.publish_metrics("val", {"miou": 0.5, "iou": {"road": 0.9, "car": float("nan")}})
+    if "--fail" in sys.argv:
+        run.step("boom", lambda: 1 / 0)
+    return y
+
+result = StageRun("demo", params={"lr": 0.01}).run(main)
+print(json.dumps({"result": result, "prefect_imported": "prefect" in sys.modules,
+                  "elapsed": time.perf_counter() - t0}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(prefect_home: Path, **extra: str) -> dict[str, str]:
+    # The developer's own Prefect/DVC settings must not leak into the tests.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DVC_"))}
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PYTHONPATH=str(REPO),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # `python` in DVC stage cmds
+    )
+    env.update(extra)
+    return env
+
+
+def run_stage(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "stage.py"
+    script.write_text(STAGE_SCRIPT)
+    return subprocess.run(
+        [sys.executable, str(script), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+
+def api(url: str, path: str, body: dict) -> list[dict]:
+    req = urllib.request.Request(
+        f"{url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def poll(fn, timeout: float = 20.0):
+    """fn() until it returns something truthy: task runs and logs reach the server asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.3)
+
+
+def flow_runs_named(url: str, name: str) -> list[dict]:
+    return api(url, "/flow_runs/filter", {"flow_runs": {"name": {"any_": [name]}}})
+
+
+def task_runs_of(url: str, flow_run_id: str) -> list[dict]:
+    return api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+
+
+# ---------------------------------------------------------------- no server
+
+
+def test_no_server_runs_plain_functions_fast_without_prefect(tmp_path: Path) -> None:
+    env = clean_env(tmp_path / "home", PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")  # nobody listens
+    start = time.perf_counter()
+    proc = run_stage(tmp_path, env)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["result"] == 13
+    assert out["prefect_imported"] is False
+    assert "adding 1 2" in proc.stdout and "[demo] val: miou=0.5, iou/road=0.9, iou/car=nan" in proc.stdout
+    assert "did not answer" in proc.stderr
+    print(f"no-server stage process: {wall:.2f} s wall, {out['elapsed']:.2f} s inside")
+    assert wall < 5  # the goal is < 2 s; generous for loaded CI machines
+
+
+def test_no_server_exception_propagates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # no profiles.toml there
+    run = flows.StageRun("x")
+    assert run.api_url is None
+    with pytest.raises(ZeroDivisionError):
+        run.run(lambda r: r.step("boom", lambda: 1 / 0))
+
+
+def test_server_url_read_from_active_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    port = free_port()
+    (tmp_path / "profiles.toml").write_text(
+        f'active = "dev"\n[profiles.dev]\nPREFECT_API_URL = "http://127.0.0.1:{port}/api"\n'
+        '[profiles.other]\nPREFECT_API_URL = "http://127.0.0.1:1/api"\n'
+    )
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    assert flows.server_available() is None  # configured in the profile, but nobody listens
+    assert f"127.0.0.1:{port}/api did not answer" in capsys.readouterr().err
+    monkeypatch.setenv("PREFECT_PROFILE", "other")
+    flows.server_available()
+    assert "127.0.0.1:1/api did not answer" in capsys.readouterr().err
+
+
+def test_slug_makes_valid_artifact_keys() -> None:
+    assert flows.slug("Train@GTA5_v2") == "train-gta5-v2"
+    assert flows.slug("sub/dvc.yaml:eval") == "sub-dvc-yaml-eval"
+
+
+# ---------------------------------------------------------------- real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=clean_env(home, PREFECT_UI_ENABLED="false"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # own process group: killpg reaches the server's workers too
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield {"url": url, "home": home}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@needs_prefect
+def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_path: Path) -> None:
+    url = server["url"]
+    env = clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@ok")
+    start = time.perf_counter()
+    proc = run_stage(tmp_path, env)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["result"] == 13 and out["prefect_imported"] is True
+    print(f"server-mode stage process: {wall:.2f} s wall")
+
+    (run,) = flow_runs_named(url, "demo@ok")  # named after DVC_STAGE
+    assert run["state_type"] == "COMPLETED"
+    assert "dvc" in run["tags"]
+    tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
+    assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == ["first", "second"]
+
+    arts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    by_key = {a["key"]: a for a in arts if a["key"]}
+    assert set(by_key) == {"demo-ok-val", "demo-ok-params"}
+    data = by_key["demo-ok-val"]["data"]
+    rows = json.loads(data) if isinstance(data, str) else data
+    assert {"name": "miou", "value": 0.5} in rows and {"name": "iou/car", "value": None} in rows
+
+    def printed_lines() -> list[str]:
+        logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})
+        return [entry["message"] for entry in logs if "adding 1 2" in entry["message"]]
+
+    assert poll(printed_lines), "print() inside a step did not reach the Prefect logs"
+
+
+@needs_prefect
+def test_server_mode_failing_step_marks_flow_failed(server: dict, tmp_path: Path) -> None:
+    url = server["url"]
+    proc = run_stage(tmp_path, clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@fail"), "--fail")
+    assert proc.returncode != 0
+    assert "ZeroDivisionError" in proc.stderr
+    (run,) = flow_runs_named(url, "demo@fail")
+    assert run["state_type"] == "FAILED"
+    failed = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "FAILED"])
+    assert [t["name"].rsplit("-", 1)[0] for t in failed] == ["boom"]
+
+
+@needs_prefect
+def test_server_available_finds_live_server(server: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_API_URL", server["url"] + "/")
+    assert flows.server_available() == server["url"]
+    monkeypatch.delenv("PREFECT_API_URL")
+    (tmp_path / "profiles.toml").write_text(f'active = "s"\n[profiles.s]\nPREFECT_API_URL = "{server["url"]}"\n')
+    assert flows.server_available() == server["url"]
+    monkeypatch.setenv(flows.DISABLE_ENV, "0")  # explicit opt-out wins
+    assert flows.server_available() is None
+
+
+# ---------------------------------------------------------------- whole pipeline
+
+DVC_YAML = """\
+stages:
+  c:
+    foreach: [x]
+    do:
+      cmd: python -c "open('c_${item}.txt', 'w').write(open('b.txt').read() + '${item}')"
+      deps: [b.txt]
+      outs:
+        - c_${item}.txt
+  b:
+    cmd: python b_stage.py
+    deps: [a.txt, b_stage.py]
+    outs: [b.txt]
+  a:
+    cmd: python -c "open('a.txt', 'w').write('a')"
+    outs: [a.txt]
+"""
+
+B_STAGE = """\
+from pipeline.flows import StageRun
+
+def main(run):
+    text = run.step("read", lambda: open("a.txt").read())
+    run.step("write", lambda t: open("b.txt", "w").write(t + "b"), text)
+    run.publish_metrics("size", {"chars": len(text) + 1})
+
+StageRun("b").run(main)
+"""
+
+
+@pytest.fixture(scope="module")
+def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dvc.repo import Repo
+
+    root = tmp_path_factory.mktemp("dvc-repo")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    with Repo.init(str(root)) as repo:  # in-process: ~1 s faster than `dvc init`
+        with repo.config.edit() as conf:
+            # Keep DVC's per-repo state out of the shared site cache dir.
+            conf["core"]["site_cache_dir"] = str(root.parent / f"{root.name}-site-cache")
+            conf["core"]["analytics"] = False
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "b_stage.py").write_text(B_STAGE)
+    return root
+
+
+def test_stage_order_is_topological(dvc_repo: Path) -> None:
+    from pipeline.orchestrate import stage_order
+
+    assert stage_order(dvc_repo) == ["a", "b", "c@x"]
+
+
+def test_repro_stage_failure_names_stage_and_tail(tmp_path: Path) -> None:
+    from dvc.repo import Repo
+
+    from pipeline.orchestrate import StageFailed, repro_stage
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    with Repo.init(str(tmp_path)) as repo:
+        with repo.config.edit() as conf:
+            conf["core"]["site_cache_dir"] = str(tmp_path / "site-cache")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  bad:\n    cmd: python -c \"import sys; sys.exit('disk on fire')\"\n    outs: [never.txt]\n"
+    )
+    with pytest.raises(StageFailed) as err:
+        repro_stage("bad", tmp_path)
+    assert "'bad'" in str(err.value) and "disk on fire" in str(err.value)
+
+
+def test_orchestrate_without_server_explains(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from pipeline.orchestrate import main
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    assert main(["run"]) == 2
+    assert "prefect server start" in capsys.readouterr().err
+
+
+@needs_prefect
+def test_pipeline_flow_runs_stages_in_order_and_respects_cache(server: dict, dvc_repo: Path) -> None:
+    from pipeline.orchestrate import repro_stage
+
+    url = server["url"]
+    env = clean_env(server["home"], PREFECT_API_URL=url)
+    cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(dvc_repo)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (dvc_repo / "c_x.txt").read_text() == "abx"
+    assert "pipeline: a=ran, b=ran, c@x=ran" in proc.stdout + proc.stderr
+
+    (run,) = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["dvc-pipeline"]}}})
+    assert run["state_type"] == "COMPLETED"
+    tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
+    assert sorted(t["name"] for t in tasks) == ["a", "b", "c@x"]
+    (stage_b,) = flow_runs_named(url, "b")  # the stage's own flow run, named after DVC_STAGE
+    assert stage_b["state_type"] == "COMPLETED"
+
+    # Up to date now: DVC's cache turns the stage into a no-op (the flow does this for every stage).
+    assert repro_stage("c@x", dvc_repo) == "skipped"
