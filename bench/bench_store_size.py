@@ -2,8 +2,8 @@
 
 Synthetic but realistic maps: softmax of smooth random logits (low-resolution noise upsampled bicubically, so
 classes form blobs with soft boundaries, as a segmentation network's output does), K=19 at 128x256 = 1/8 of
-1024x2048, the stride-8 output the paper stores. The logit scale is chosen so that roughly half the pixels have
-confidence > 0.95, in the range of a warm-up model on Cityscapes.
+1024x2048, the stride-8 output the paper stores. The logit scale is chosen so that roughly half the pixels
+have confidence > 0.95, in the range of a warm-up model on Cityscapes.
 
 Reports bytes per image for each format, the ratio to float32 ``.npy``, argmax agreement of the stored soft
 labels with the stored (full-precision) ``label``, and writer throughput on this machine's CPU.
@@ -104,7 +104,9 @@ def main() -> None:
             "files_per_image": 1.0,
         }
         results["formats"]["zarr float16 soft+label+conf"] = bench_store(root, "f16.zarr", probs, ids)
-        results["formats"]["zarr uint8 soft+label+conf"] = bench_store(root, "u8.zarr", probs, ids, soft_dtype="uint8")
+        results["formats"]["zarr uint8 soft+label+conf"] = bench_store(
+            root, "u8.zarr", probs, ids, soft_dtype="uint8"
+        )
         results["formats"]["zarr label+conf (hard round)"] = bench_store(
             root, "hard.zarr", probs, ids, store_soft=False
         )
@@ -116,7 +118,10 @@ def main() -> None:
         f"{args.n} images, K={K}, {H}x{W}; mean conf {results['mean_conf']}, "
         f"conf>0.95 on {100 * results['frac_conf_gt_0.95']:.1f}% of pixels"
     )
-    print(f"{'format':32s} {'KB/image':>10s} {'x smaller':>10s} {'files/img':>9s} {'argmax agree':>13s} {'img/s':>7s}")
+    print(
+        f"{'format':32s} {'KB/image':>10s} {'x smaller':>10s} {'files/img':>9s} "
+        f"{'argmax agree':>13s} {'img/s':>7s}"
+    )
     for name, r in results["formats"].items():
         agree = r.get("soft_argmax_agreement")
         print(

@@ -166,6 +166,7 @@ class StrongParams(Strict):
     op_p: Prob = 0.5
     cutout: bool = True
     cutout_frac: Prob = 1 / 3
+    hflip_p: Prob = 0.5  # the public RandAugmentMC flips the strong view before its ops
 
 
 class OptimParams(Strict):

@@ -293,7 +293,7 @@ def fit(
             batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
             with _autocast(info.device, p.amp):
                 loss, logs = task.loss(batch, it)
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")
             (loss / p.accum_steps).backward()
             for k, v in {**logs, "loss": float(loss)}.items():

@@ -29,7 +29,7 @@ Modes, decided once per process by :func:`server_available`:
   13-23 s). ``main`` and the steps are called directly; metrics are only logged.
 
 Limits: a server that goes away in the middle of a stage makes Prefect's client calls fail, which fails the
-stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are switched off, see ``_import_prefect``).
+stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are switched off: they cost ~1 s per stage).
 Only the environment and the profile file are read for the API URL, not ``prefect.toml`` or ``.env``.
 """
 
@@ -136,6 +136,7 @@ def _import_prefect(api_url: str) -> Any:
         return _prefect
     import atexit
     import gc
+    import logging
     import types
 
     os.environ["PREFECT_API_URL"] = api_url  # it may have come from the profile; pin the checked one
@@ -148,19 +149,28 @@ def _import_prefect(api_url: str) -> Any:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        from prefect import flow, tags, task
+        from prefect import flow, get_client, task
         from prefect.artifacts import create_table_artifact
         from prefect.cache_policies import NO_CACHE
-        from prefect.settings import get_current_settings
+        from prefect.context import FlowRunContext
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     finally:
         if gc_was_enabled:
             gc.enable()
     atexit.register(gc.freeze)
-    # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit (~1 s per stage); heartbeats
-    # only feed Prefect's optional zombie-run automation. The setting cannot be null from the environment.
-    object.__setattr__(get_current_settings().flows, "heartbeat_frequency", None)
+    # At exit Prefect's event worker sends the last task-run events and warns "Still processing items" while
+    # it does: expected after every short stage, not a problem.
+    logging.getLogger("EventsWorker").setLevel(logging.ERROR)
     _prefect = types.SimpleNamespace(
-        flow=flow, task=task, tags=tags, NO_CACHE=NO_CACHE, create_table_artifact=create_table_artifact
+        flow=flow,
+        task=task,
+        get_client=get_client,
+        FlowRunContext=FlowRunContext,
+        NO_CACHE=NO_CACHE,
+        create_table_artifact=create_table_artifact,
+        # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit (~1 s per stage); heartbeats
+        # only feed Prefect's optional zombie-run automation. The environment cannot set it to null.
+        no_heartbeats=lambda: temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     )
     return _prefect
 
@@ -201,24 +211,33 @@ class StageRun:
         pf = _import_prefect(self.api_url)  # type: ignore[arg-type]
 
         def stage_flow() -> T:
+            self._tag_flow_run(pf)
             # Parameters go to an artifact, not to flow parameters: serialising those imports FastAPI
             # (~0.3 s), and a params dict is not always JSON-able.
             if self.params:
                 self._artifact("params", self.params, "Parameters of this stage run")
             return main(self)
 
-        run_name = _BANNED_NAME_CHARS.sub("-", self.run_name)
-        tags = ["dvc"] + ([f"exp:{os.environ['DVC_EXP_NAME']}"] if os.environ.get("DVC_EXP_NAME") else [])
         wrapped = pf.flow(
             stage_flow,
             name=_BANNED_NAME_CHARS.sub("-", self.name),
-            flow_run_name=lambda: run_name,  # a callable: a plain string would be str.format()-ed
+            flow_run_name=lambda: _BANNED_NAME_CHARS.sub("-", self.run_name),  # a str would be .format()-ed
             log_prints=True,
             persist_result=False,  # stage outputs are DVC's business; don't pickle them under PREFECT_HOME
             validate_parameters=False,
         )
-        with pf.tags(*tags):
+        with pf.no_heartbeats():
             return wrapped()
+
+    @staticmethod
+    def _tag_flow_run(pf: Any) -> None:
+        # Tagged after creation, on the flow run only: a `tags()` context would tag every task run too, and
+        # a tagged task run asks the server for tag concurrency slots (~0.4 s for the first task).
+        tags = ["dvc-stage"]
+        if exp := os.environ.get("DVC_EXP_NAME"):
+            tags.append(f"exp:{exp}")
+        with pf.get_client(sync_client=True) as client:
+            client.update_flow_run(pf.FlowRunContext.get().flow_run.id, tags=tags)
 
     def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` as step ``name``, a task run in server mode; return its result."""

@@ -7,11 +7,12 @@ unlabeled target does not, and then the stage simply skips the report).
 Definitions (all over pixels whose ground truth is not ``ignore_index``):
 
 - a pixel is *kept* when ``conf >= threshold`` and its pseudo label is not ``ignore_index``; a confidence
-  strictly below the threshold drops it. (The paper keeps ``conf > 0.95``; with float16 confidences the two
-  only differ for pixels stored exactly at the threshold's float16 value.)
+  strictly below the threshold drops it (:func:`keep_mask`; training should use the same rule). The paper
+  keeps ``conf > 0.95``: confidences are stored as float16 and 0.95 (like 0.8, 0.9, 0.99) is not a float16
+  value, so ``>=`` and ``>`` select exactly the same pixels for such thresholds.
 - ``coverage`` = kept pixels / valid ground-truth pixels.
-- ``pixel_acc``, ``miou`` and ``per_class_iou`` compare kept pseudo labels with the ground truth on kept pixels
-  only: they describe the labels training will actually see; dropped pixels show up in ``coverage``.
+- ``pixel_acc``, ``miou`` and ``per_class_iou`` compare kept pseudo labels with the ground truth on kept
+  pixels only: they describe the labels training will actually see; dropped pixels show up in ``coverage``.
 - ``kept_pixels`` / ``gt_pixels``: per-class counts of kept pseudo labels / of ground-truth labels.
 
 Pseudo labels at a lower resolution than the ground truth are upsampled (nearest) to it before comparing.
@@ -41,6 +42,11 @@ def _pct(x: float) -> float | None:
     return None if not np.isfinite(x) else round(100.0 * float(x), 4)
 
 
+def keep_mask(conf: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray | torch.Tensor:
+    """Pixels whose confidence passes ``threshold``: ``conf >= threshold`` (strictly below is dropped)."""
+    return conf >= threshold
+
+
 class QualityAccumulator:
     """Accumulates pseudo-label quality over images; see the module docstring for the definitions."""
 
@@ -61,7 +67,7 @@ class QualityAccumulator:
         conf: np.ndarray | torch.Tensor,
         gt: np.ndarray | torch.Tensor,
     ) -> None:
-        """Add one image: pseudo ``label`` [h, w], its ``conf`` [h, w], ground-truth train ids ``gt`` [H, W]."""
+        """One image: pseudo ``label`` [h, w], its ``conf`` [h, w], gt train ids ``gt`` [H, W]."""
         label_t = torch.as_tensor(np.asarray(label)).long()
         conf_t = torch.as_tensor(np.asarray(conf)).float()
         gt_t = torch.as_tensor(np.asarray(gt)).long()
@@ -79,7 +85,7 @@ class QualityAccumulator:
         valid = gt_t != self.ignore_index
         if valid.any() and (int(gt_t[valid].max()) >= k or int(gt_t[valid].min()) < 0):
             raise ValueError(f"ground-truth value outside 0..{k - 1} (and not {self.ignore_index})")
-        kept = valid & (conf_t >= self.threshold) & (label_t != self.ignore_index)
+        kept = valid & keep_mask(conf_t, self.threshold) & (label_t != self.ignore_index)
         kept_label = label_t[kept]
         self.cm.update(kept_label, gt_t[kept])
         self.kept_per_class += torch.bincount(kept_label.clamp(0, k), minlength=k + 1)[:k].numpy()
@@ -136,7 +142,10 @@ def write_quality(
 
 
 def _prefetch(
-    store: PseudoLabelStore, gt_loader: Callable[[str], np.ndarray | None], ids: Sequence[str], num_threads: int
+    store: PseudoLabelStore,
+    gt_loader: Callable[[str], np.ndarray | None],
+    ids: Sequence[str],
+    num_threads: int,
 ) -> Iterator[tuple[str, dict[str, np.ndarray] | None, np.ndarray | None]]:
     """Yield (id, pseudo labels, gt) in order; PNG decoding and zarr reads overlap in a few threads."""
 
@@ -171,7 +180,9 @@ def evaluate_store_quality(
     ``gt_loader(id)`` returns the ground-truth train-id map [H, W] of an image, or None when it has none.
     """
     if store.num_classes != len(class_names):
-        raise ValueError(f"pseudo-label store {store.path} has {store.num_classes} classes, got {len(class_names)}")
+        raise ValueError(
+            f"pseudo-label store {store.path} has {store.num_classes} classes, got {len(class_names)}"
+        )
     ids = store.ids  # opens the store in this thread before loader threads use it
     acc = QualityAccumulator(len(class_names), threshold)
     without_gt = 0
@@ -182,12 +193,17 @@ def evaluate_store_quality(
         acc.update(rec["label"], rec["conf"], gt)
     if acc.num_images == 0:
         logger.info(
-            "no ground truth for any of the %d images in %s: pseudo-label quality skipped", len(ids), store.path
+            "no ground truth for any of the %d images in %s: pseudo-label quality skipped",
+            len(ids),
+            store.path,
         )
         return None
     if without_gt:
         logger.warning(
-            "%d of %d images in %s have no ground truth; quality covers the rest", without_gt, len(ids), store.path
+            "%d of %d images in %s have no ground truth; quality covers the rest",
+            without_gt,
+            len(ids),
+            store.path,
         )
     summary = acc.summary(class_names)
     summary["num_images_without_gt"] = without_gt

@@ -205,7 +205,7 @@ def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_pat
 
     (run,) = flow_runs_named(url, "demo@ok")  # named after DVC_STAGE
     assert run["state_type"] == "COMPLETED"
-    assert "dvc" in run["tags"]
+    assert run["tags"] == ["dvc-stage"]
     tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
     assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == ["first", "second"]
 

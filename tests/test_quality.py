@@ -33,7 +33,8 @@ GT = np.array(
 #   TR label 1 dropped: gt 1,1,1,1       -> 4 valid, none kept
 #   BL label 2 kept: gt 2,1 (+2 ignore)  -> 2 valid, 1 right (gt 1 labelled 2)
 #   BR label 1 kept: gt 1,0,1,1          -> 4 valid, 3 right (gt 0 labelled 1)
-# valid 13, kept 9, right 7. On kept pixels: road TP3 FN1 FP0 -> 3/4; car TP3 FN1 FP1 -> 3/5; sky TP1 FP1 -> 1/2.
+# valid 13, kept 9, right 7. On kept pixels: road TP3 FN1 FP0 -> 3/4; car TP3 FN1 FP1 -> 3/5;
+# sky TP1 FP1 -> 1/2.
 EXPECTED = {
     "coverage": round(100 * 9 / 13, 4),
     "pixel_acc": round(100 * 7 / 9, 4),

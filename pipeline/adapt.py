@@ -1,0 +1,240 @@
+"""ProDA stage 1: online prototypical pseudo-label rectification + target structure learning.
+
+Per step (REFERENCE.md, "Online prototypical rectification"):
+- source: CE on a weak view;
+- target: the EMA model sees the full un-augmented image; its features and the FIXED soft pseudo labels
+  p0 (from the zarr store) are warped into the strong view at `target_scale` of the crop; ω = softmax(-d/τ)
+  over prototype distances rectifies p0 (ŷ = argmax ω ⊙ p0), and the student, on the strong view, learns ŷ
+  with symmetric CE;
+- structure learning: KL(z_T || z_T') between prototype assignments of the EMA on the weak view (warped into
+  the strong view) and of the student on the strong view, over valid (non-padded, non-cutout) pixels;
+  the KL is summed over classes per pixel and averaged over valid pixels;
+- regulariser: -mean log p_t over valid pixels and classes;
+- after the optimiser step: EMA update of the model, prototype EMA update (λ) from the EMA's weak-view
+  features with the EMA's argmax as class (invalid pixels ignored), reduced across DDP ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import AdaptParams, StrongParams
+from pipeline.engine import FitResult, _autocast, build_optimizer, collate
+from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
+from pipeline.models import ModelEMA, param_groups
+from pipeline.prototypes import PrototypeBank, proto_logits, rectify
+from pipeline.pseudo_store import PseudoLabelStore
+from pipeline.quality import QualityAccumulator
+from pipeline.runtime import Context, dataset, load_model, manifest_path, write_json
+from pipeline.training import WeakTransform, run_training, stream, weak_config, wrap_ddp
+from pipeline.views import StrongViewConfig, downsample_valid, make_strong_view, make_weak_view, warp_to_view
+
+IGNORE = 255
+
+
+def strong_config(s: StrongParams) -> StrongViewConfig:
+    return StrongViewConfig(
+        num_ops=s.num_ops,
+        magnitude_range=tuple(s.magnitude_range),
+        op_p=s.op_p,
+        cutout=s.cutout,
+        cutout_frac=s.cutout_frac,
+        hflip_p=s.hflip_p,
+    )
+
+
+class TargetViews:
+    """Target sample: full image, weak view, strong view (on the weak one) and the stored soft pseudo labels."""
+
+    def __init__(self, view, strong: StrongParams, store_path: str | Path | None) -> None:
+        self.weak = weak_config(view)
+        self.strong = strong_config(strong)
+        self.store = PseudoLabelStore(store_path) if store_path is not None else None
+
+    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
+        weak = make_weak_view(sample["image"], None, self.weak, gen)
+        strong = make_strong_view(weak, self.strong, gen)
+        out = {
+            "index": sample["index"],
+            "full": sample["image"],
+            "weak_image": weak.image,
+            "weak_coords": weak.coords,
+            "weak_valid": weak.valid,
+            "image": strong.image,
+            "coords": strong.coords,
+            "coords_in_weak": strong.coords_in_weak,
+            "valid": strong.valid,
+        }
+        if self.store is not None:
+            rec = self.store.get(sample["id"])  # aligned by id, never by position
+            out["soft"] = torch.from_numpy(rec["soft"]) if "soft" in rec else None
+            out["pl_label"] = torch.from_numpy(rec["label"].astype(np.int64))
+            out["pl_conf"] = torch.from_numpy(rec["conf"])
+        return out
+
+
+class ProDATask:
+    def __init__(self, ctx: Context, model: nn.Module, bank: PrototypeBank, p: AdaptParams) -> None:
+        self.p, self.ctx = p, ctx
+        self.model = model
+        self.net = wrap_ddp(model, ctx)
+        self.ema = ModelEMA(model, p.ema_momentum)
+        self.bank = bank.to(ctx.info.device)
+        groups = param_groups(model, p.optim.lr, p.optim.head_lr_mult, p.optim.weight_decay)
+        self._opt = build_optimizer(groups, p.optim)
+        self._proto_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self._opt}
+
+    def extras(self) -> dict:
+        return {"ema": self.ema, "prototypes": self.bank}
+
+    @staticmethod
+    def loss_names(p: AdaptParams) -> list[str]:
+        names = ["src_ce"] if p.source_ce.enabled else []
+        names += ["tgt_sce", "kl", "reg", "rect_changed"]
+        return names
+
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        p, src, tgt = self.p, batch["source"], batch["target"]
+        n = src["image"].shape[0]
+        crop = tgt["image"].shape[-2:]
+        out_size = (max(1, round(crop[0] * p.target_scale)), max(1, round(crop[1] * p.target_scale)))
+        logits, feats = self.net(torch.cat([src["image"], tgt["image"]]))
+        logs: dict[str, float] = {}
+        total = logits.new_zeros(())
+        if p.source_ce.enabled:
+            ce = cross_entropy(logits[:n], src["label"])
+            total = total + p.source_ce.weight * ce
+            logs["src_ce"] = ce.item()
+        s_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+        s_feat = F.interpolate(feats[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+        valid = downsample_valid(tgt["valid"], out_size)
+
+        with torch.no_grad():
+            ema = self.ema.module
+            with _autocast(self.ctx.info.device, p.optim.amp):
+                _, f_full = ema(tgt["full"].float() / 255.0)
+                w_logits, w_feat = ema(tgt["weak_image"])
+            f_full, w_feat, w_logits = f_full.float(), w_feat.float(), w_logits.float()
+            # Fixed soft pseudo labels and EMA features, brought into the strong view's geometry.
+            p0 = warp_to_view(tgt["soft"].float(), tgt["coords"], out_size)
+            f_strong = warp_to_view(f_full, tgt["coords"], out_size)
+            protos, ok = self.bank.protos, self.bank.initialized
+            if p.rectify:
+                omega = torch.softmax(proto_logits(f_strong, protos, p.tau, ok), dim=1)
+                target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, valid)
+            else:
+                target, _ = rectify(p0, torch.ones_like(p0), p.conf_threshold, IGNORE, valid)
+            raw = p0.argmax(1)
+            logs["rect_changed"] = float(((raw != target) & valid).float().sum() / valid.sum().clamp(min=1))
+            z_t = warp_to_view(proto_logits(w_feat, protos, p.tau, ok), tgt["coords_in_weak"], out_size)
+            # Prototype update input: the EMA's weak-view features with its own argmax, invalid pixels ignored.
+            w_valid = downsample_valid(tgt["weak_valid"], tuple(w_feat.shape[-2:]))
+            w_lab = torch.where(w_valid, w_logits.argmax(1), torch.full_like(w_valid, IGNORE, dtype=torch.long))
+            self._proto_batch = (w_feat, w_lab)
+
+        if p.sce.enabled:
+            t_loss = symmetric_ce(s_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
+        else:
+            t_loss = cross_entropy(s_logits, target, IGNORE)
+        total = total + p.sce.weight * t_loss
+        logs["tgt_sce"] = t_loss.item()
+        if p.structure_kl.enabled:
+            kl = structure_kl(
+                torch.where(torch.isfinite(z_t), z_t, -1e4), proto_logits(s_feat, protos, p.tau, ok), valid
+            )
+            total = total + p.structure_kl.weight * kl
+            logs["kl"] = kl.item()
+        if p.regulariser.enabled:
+            reg = entropy_regulariser(s_logits, valid)
+            total = total + p.regulariser.weight * reg
+            logs["reg"] = reg.item()
+        return total, logs
+
+    def after_step(self, it: int) -> None:
+        self.ema.update(self.net)
+        if self._proto_batch is not None:
+            feat, lab = self._proto_batch
+            self.bank.ema_update(feat, lab, self.p.proto_momentum, self.p.min_pixels, IGNORE)
+            self._proto_batch = None
+
+
+@torch.no_grad()
+def rectified_quality(ctx: Context, task: ProDATask, store_path: Path, threshold: float) -> dict | None:
+    """Quality of raw vs rectified pseudo labels on target train (full images, final EMA and prototypes)."""
+    gt_ds = dataset(ctx, "target_train", with_labels=True)
+    if not any(r.label for r in gt_ds.records):
+        return None
+    store = PseudoLabelStore(store_path)
+    raw_acc = QualityAccumulator(ctx.num_classes, threshold)
+    rect_acc = QualityAccumulator(ctx.num_classes, threshold)
+    ema = task.ema.module.eval()
+    bs = ctx.params.evaluate.batch_size
+    for start in range(0, len(gt_ds), bs):
+        samples = [gt_ds.load(i) for i in range(start, min(start + bs, len(gt_ds)))]
+        batch = collate(samples)
+        with _autocast(ctx.info.device, True):
+            feat = ema(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
+        soft = torch.stack([torch.from_numpy(store.get(i)["soft"]) for i in batch["id"]]).to(feat.device)
+        omega = torch.softmax(proto_logits(feat, task.bank.protos, task.p.tau, task.bank.initialized), dim=1)
+        lab, prob = rectify(soft, omega, 0.0, IGNORE)
+        for j in range(len(samples)):
+            gt = batch["label"][j].numpy()
+            raw_acc.update(soft[j].argmax(0).cpu().numpy(), soft[j].max(0).values.cpu().numpy(), gt)
+            rect_acc.update(lab[j].cpu().numpy(), prob[j].max(0).values.cpu().numpy(), gt)
+    return {"raw": raw_acc.summary(ctx.class_names), "rectified": rect_acc.summary(ctx.class_names)}
+
+
+def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path) -> FitResult:
+    p = ctx.params.adapt
+    model = load_model(warmup, ctx)
+    model.train()
+    store = PseudoLabelStore(store_path)
+    tgt_ds_ids = dataset(ctx, "target_train", with_labels=False).ids
+    store.check_matches(tgt_ds_ids, ctx.class_names)
+    if not store.has_soft:
+        raise ValueError(f"pseudo-label store {store_path} has no soft labels; stage 1 needs them")
+    bank = PrototypeBank.from_file(protos_path, num_classes=ctx.num_classes)
+    if bank.feat_dim != model.feat_dim:
+        raise ckpt.CheckpointError(
+            f"{protos_path} holds {bank.feat_dim}-d prototypes, the model's features are {model.feat_dim}-d"
+        )
+    task = ProDATask(ctx, model, bank, p)
+    bs = p.optim.batch_size
+    streams = {
+        "source": stream(ctx, "source", True, WeakTransform(p.view), bs, salt=0),
+        "target": stream(ctx, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1),
+    }
+    inputs = [ckpt.sha256_file(x) for x in (warmup, protos_path, manifest_path("source"))] + [store.checkpoint_sha256]
+    res = run_training(
+        ctx,
+        task,
+        streams,
+        p.optim,
+        ctx.params.model,
+        out_dir=Path("models/adapt"),
+        metrics_path=Path("metrics/adapt.json"),
+        plots_dir=Path("plots/adapt"),
+        loss_names=ProDATask.loss_names(p),
+        inputs=inputs,
+    )
+    if ctx.info.is_main:
+        task.bank.save(Path("models/adapt/prototypes.pt"), ctx.class_names)
+        ckpt.save_atomic(task.ema.state_dict(), Path("models/adapt/ema.pt"))
+        q = rectified_quality(ctx, task, store_path, 0.0)
+        if q is not None:
+            write_json(
+                "metrics/adapt_rectified.json", {k: {m: v[m] for m in ("pixel_acc", "miou")} for k, v in q.items()}
+            )
+    return res
