@@ -32,21 +32,10 @@ from pipeline.prototypes import PrototypeBank, proto_logits, rectify
 from pipeline.pseudo_store import PseudoLabelStore
 from pipeline.quality import QualityAccumulator
 from pipeline.runtime import Context, dataset, load_model, manifest_path, write_json
-from pipeline.training import WeakTransform, run_training, stream, weak_config, wrap_ddp
-from pipeline.views import StrongViewConfig, downsample_valid, make_strong_view, make_weak_view, warp_to_view
+from pipeline.training import WeakTransform, run_training, stream, strong_config, weak_config, wrap_ddp
+from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
 
 IGNORE = 255
-
-
-def strong_config(s: StrongParams) -> StrongViewConfig:
-    return StrongViewConfig(
-        num_ops=s.num_ops,
-        magnitude_range=tuple(s.magnitude_range),
-        op_p=s.op_p,
-        cutout=s.cutout,
-        cutout_frac=s.cutout_frac,
-        hflip_p=s.hflip_p,
-    )
 
 
 class TargetViews:

@@ -251,19 +251,19 @@ class TeacherParams(Strict):
 
 
 class RoundParams(Strict):
-    round: PosInt
     # Model directory of this round's teacher: models/adapt for round 1, models/distill_<r-1> after.
     teacher: str
 
 
 class DistillParams(Strict):
-    # One entry per KD round (dvc.yaml's `foreach` builds teacher@r and distill@r from it).
-    rounds: list[RoundParams]
+    # One entry per KD round, keyed by round number (dvc.yaml's `foreach` builds teacher@r and distill@r).
+    rounds: dict[PosInt, RoundParams]
     optim: OptimParams
     view: ViewParams
     strong: StrongParams = StrongParams()
     conf_threshold: Prob = 0.95
     kd_beta: NonNegFloat = 1.0
+    target_scale: Prob = 0.25
     source_ce: LossSwitch = LossSwitch()
     # "previous": start from the teacher's weights; "pretrained": backbone from model.pretrained_student.
     student_init: Literal["previous", "pretrained", "scratch"] = "previous"
@@ -271,13 +271,12 @@ class DistillParams(Strict):
 
     @model_validator(mode="after")
     def _rounds(self) -> DistillParams:
-        for i, r in enumerate(self.rounds):
-            want = "models/adapt" if i == 0 else f"models/distill_{i}"
-            if r.round != i + 1 or r.teacher.rstrip("/") != want:
-                raise ValueError(
-                    f"rounds[{i}]: round {i + 1} must read its teacher from '{want}', got round {r.round} "
-                    f"teacher '{r.teacher}'"
-                )
+        if sorted(self.rounds) != list(range(1, len(self.rounds) + 1)):
+            raise ValueError(f"rounds: keys must be 1..N, got {sorted(self.rounds)}")
+        for r, spec in self.rounds.items():
+            want = "models/adapt" if r == 1 else f"models/distill_{r - 1}"
+            if spec.teacher.rstrip("/") != want:
+                raise ValueError(f"rounds.{r}.teacher: round {r} reads its teacher from '{want}', got '{spec.teacher}'")
         if self.student_init == "pretrained" and not self.student_weights:
             raise ValueError("student_weights: required when student_init is 'pretrained'")
         return self

@@ -296,7 +296,7 @@ def fit(
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")
             (loss / p.accum_steps).backward()
-            for k, v in {**logs, "loss": float(loss)}.items():
+            for k, v in {**logs, "loss": loss.item()}.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / p.accum_steps
             img_count += sum(b["image"].shape[0] for b in batch.values())
         for o in task.optimizers().values():

@@ -129,11 +129,13 @@ def _fmt(value: Any) -> str:
 _prefect: Any = None  # namespace of the Prefect objects we use, imported once on first need
 
 
-def _import_prefect(api_url: str) -> Any:
-    """Import the few Prefect objects we need, configured for a running server and for low overhead."""
+def _import_prefect(api_url: str | None) -> Any:
+    """Import the few Prefect objects we need, configured for the server at ``api_url`` and low overhead."""
     global _prefect
     if _prefect is not None:
         return _prefect
+    if not api_url:
+        raise RuntimeError("Prefect is only imported in server mode")
     import atexit
     import gc
     import logging
@@ -208,7 +210,7 @@ class StageRun:
         """
         if not self.server_mode:
             return main(self)
-        pf = _import_prefect(self.api_url)  # type: ignore[arg-type]
+        pf = _import_prefect(self.api_url)
 
         def stage_flow() -> T:
             self._tag_flow_run(pf)
@@ -236,8 +238,11 @@ class StageRun:
         tags = ["dvc-stage"]
         if exp := os.environ.get("DVC_EXP_NAME"):
             tags.append(f"exp:{exp}")
-        with pf.get_client(sync_client=True) as client:
-            client.update_flow_run(pf.FlowRunContext.get().flow_run.id, tags=tags)
+        try:
+            with pf.get_client(sync_client=True) as client:
+                client.update_flow_run(pf.FlowRunContext.get().flow_run.id, tags=tags)
+        except Exception as exc:  # cosmetic: never fail a stage over a tag
+            print(f"could not tag the flow run: {exc}", file=sys.stderr)
 
     def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` as step ``name``, a task run in server mode; return its result."""
@@ -246,7 +251,7 @@ class StageRun:
             result = fn(*args, **kwargs)
             print(f"[{self.name}] step {name} done in {time.perf_counter() - start:.1f} s", flush=True)
             return result
-        pf = _import_prefect(self.api_url)  # type: ignore[arg-type]
+        pf = _import_prefect(self.api_url)
         task = pf.task(
             fn,
             name=_BANNED_NAME_CHARS.sub("-", name),
@@ -267,7 +272,7 @@ class StageRun:
             self._artifact(name, flat, f"{name} metrics of stage {self.run_name}")
 
     def _artifact(self, name: str, values: Mapping[str, Any], description: str) -> None:
-        pf = _import_prefect(self.api_url)  # type: ignore[arg-type]
+        pf = _import_prefect(self.api_url)
         rows = [
             {"name": k, "value": v if isinstance(v, int | float | str | bool | None) else str(v)}
             for k, v in _flatten(values).items()

@@ -9,15 +9,26 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ModelParams, OptimParams, ViewParams
+from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
 from pipeline.engine import FitResult, Stream, Task, evaluate, fit
 from pipeline.metrics import write_per_class_csv
 from pipeline.runtime import Context, dataset, save_model, write_json
-from pipeline.views import WeakViewConfig, make_weak_view
+from pipeline.views import StrongViewConfig, WeakViewConfig, make_weak_view
 
 
 def weak_config(v: ViewParams) -> WeakViewConfig:
     return WeakViewConfig(crop_size=tuple(v.crop), scale_range=tuple(v.scale_range), hflip_p=v.hflip_p)
+
+
+def strong_config(s: StrongParams) -> StrongViewConfig:
+    return StrongViewConfig(
+        num_ops=s.num_ops,
+        magnitude_range=tuple(s.magnitude_range),
+        op_p=s.op_p,
+        cutout=s.cutout,
+        cutout_frac=s.cutout_frac,
+        hflip_p=s.hflip_p,
+    )
 
 
 class WeakTransform:
@@ -80,15 +91,11 @@ def run_training(
         m = {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}
         if kind == "last":
             iou_last["iou"] = (metrics or {}).get("_iou")
-        note = (
-            "final weights" if kind == "last" else "best on target val (optimistic: selected on the test set)"
-        )
+        note = "final weights" if kind == "last" else "best on target val (optimistic: selected on the test set)"
         save_model(out_dir / f"{kind}.pt", model, ctx, mp, {"kind": kind, "note": note, "metrics": m})
 
     section = ctx.params.model_dump(mode="json").get(ctx.stage.split("@")[0], {})
-    fp = ckpt.fingerprint(
-        ctx.stage, section, ctx.params.model.model_dump(mode="json"), ctx.params.base.seed, inputs
-    )
+    fp = ckpt.fingerprint(ctx.stage, section, ctx.params.model.model_dump(mode="json"), ctx.params.base.seed, inputs)
     res = fit(
         task,
         streams,

@@ -15,7 +15,7 @@ from pipeline.stage import run_stage
 def main(ctx: Context, r: int) -> None:
     if not ctx.info.is_main:
         return
-    rounds = {x.round: x for x in ctx.params.distill.rounds}
+    rounds = ctx.params.distill.rounds
     if r not in rounds:
         raise ValueError(f"round {r} is not in distill.rounds {sorted(rounds)}")
     p = ctx.params.teacher

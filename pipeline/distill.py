@@ -1,0 +1,149 @@
+"""Knowledge-distillation rounds (ProDA stages 2/3).
+
+Loss = source CE + CE on the teacher's hard labels above the confidence threshold (strong view)
++ β·KL(p_teacher || p_student), the KL computed with the student's log-probabilities (the public code passes
+probabilities where `kl_div` needs log-probabilities, so its term can go negative; this one cannot).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import DistillParams
+from pipeline.engine import FitResult, build_optimizer
+from pipeline.losses import cross_entropy, kd_kl, masked_ce_hard
+from pipeline.models import load_backbone_weights, param_groups
+from pipeline.pseudo_store import PseudoLabelStore
+from pipeline.runtime import Context, dataset, load_model, manifest_path, model_params_of, new_model
+from pipeline.training import WeakTransform, run_training, stream, strong_config, weak_config, wrap_ddp
+from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
+
+IGNORE = 255
+
+
+class TeacherViews:
+    """Target sample for KD: strong view (on a weak one) plus the teacher's stored labels, confidence, soft."""
+
+    def __init__(self, p: DistillParams, store_path: str | Path) -> None:
+        self.weak, self.strong = weak_config(p.view), strong_config(p.strong)
+        self.store = PseudoLabelStore(store_path)
+
+    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
+        weak = make_weak_view(sample["image"], None, self.weak, gen)
+        strong = make_strong_view(weak, self.strong, gen)
+        rec = self.store.get(sample["id"])
+        out = {
+            "index": sample["index"],
+            "image": strong.image,
+            "coords": strong.coords,
+            "valid": strong.valid,
+            "t_label": torch.from_numpy(rec["label"].astype(np.int64)),
+            "t_conf": torch.from_numpy(rec["conf"]),
+        }
+        if "soft" in rec:
+            out["t_soft"] = torch.from_numpy(rec["soft"])
+        return out
+
+
+class DistillTask:
+    def __init__(self, ctx: Context, model: nn.Module, p: DistillParams, use_soft: bool) -> None:
+        self.p, self.ctx, self.use_soft = p, ctx, use_soft
+        self.net = wrap_ddp(model, ctx)
+        groups = param_groups(model, p.optim.lr, p.optim.head_lr_mult, p.optim.weight_decay)
+        self._opt = build_optimizer(groups, p.optim)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.net}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"model": self._opt}
+
+    def extras(self) -> dict:
+        return {}
+
+    def after_step(self, it: int) -> None:
+        pass
+
+    @staticmethod
+    def loss_names(p: DistillParams) -> list[str]:
+        return (["src_ce"] if p.source_ce.enabled else []) + ["hard_ce", "kd"]
+
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        p, src, tgt = self.p, batch["source"], batch["target"]
+        n = src["image"].shape[0]
+        crop = tgt["image"].shape[-2:]
+        out_size = (max(1, round(crop[0] * p.target_scale)), max(1, round(crop[1] * p.target_scale)))
+        logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
+        logs: dict[str, float] = {}
+        total = logits.new_zeros(())
+        if p.source_ce.enabled:
+            ce = cross_entropy(logits[:n], src["label"])
+            total = total + p.source_ce.weight * ce
+            logs["src_ce"] = ce.item()
+        s_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            valid = downsample_valid(tgt["valid"], out_size)
+            label = warp_to_view(tgt["t_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)
+            label = torch.where(valid, label, torch.full_like(label, IGNORE))
+            conf = warp_to_view(tgt["t_conf"].float(), tgt["coords"], out_size, mode="nearest")
+        hard = masked_ce_hard(s_logits, label, conf, p.conf_threshold, IGNORE)
+        total = total + hard
+        logs["hard_ce"] = hard.item()
+        if self.use_soft and p.kd_beta > 0:
+            with torch.no_grad():
+                t_soft = warp_to_view(tgt["t_soft"].float(), tgt["coords"], out_size)
+            kd = kd_kl(t_soft, s_logits, valid)
+            total = total + p.kd_beta * kd
+            logs["kd"] = kd.item()
+        return total, logs
+
+
+def student(ctx: Context, p: DistillParams, teacher_path: Path) -> nn.Module:
+    """The student's initial weights: the teacher's, a local self-supervised/ImageNet backbone, or random."""
+    if p.student_init == "previous":
+        return load_model(teacher_path, ctx)
+    mp = model_params_of(teacher_path)
+    model = new_model(mp, ctx.num_classes)
+    if p.student_init == "pretrained":
+        load_backbone_weights(model, p.student_weights)
+    return model.to(ctx.info.device)
+
+
+def train_distill(ctx: Context, r: int) -> FitResult:
+    p = ctx.params.distill
+    rounds = p.rounds
+    if r not in rounds:
+        raise ValueError(f"round {r} is not in distill.rounds {sorted(rounds)}")
+    teacher_path = Path(rounds[r].teacher) / "last.pt"
+    store_path = Path(f"pseudo/teacher_{r}.zarr")
+    store = PseudoLabelStore(store_path)
+    store.check_matches(dataset(ctx, "target_train", with_labels=False).ids, ctx.class_names)
+    if p.kd_beta > 0 and not store.has_soft:
+        raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
+    model = student(ctx, p, teacher_path)
+    model.train()
+    task = DistillTask(ctx, model, p, store.has_soft)
+    bs = p.optim.batch_size
+    streams = {
+        "source": stream(ctx, "source", True, WeakTransform(p.view), bs, salt=0),
+        "target": stream(ctx, "target_train", False, TeacherViews(p, store_path), bs, salt=1 + r),
+    }
+    inputs = [ckpt.sha256_file(teacher_path), store.checkpoint_sha256, ckpt.sha256_file(manifest_path("source")), r]
+    return run_training(
+        ctx,
+        task,
+        streams,
+        p.optim,
+        model_params_of(teacher_path),
+        out_dir=Path(f"models/distill_{r}"),
+        metrics_path=Path(f"metrics/distill_{r}.json"),
+        plots_dir=Path(f"plots/distill_{r}"),
+        loss_names=DistillTask.loss_names(p),
+        inputs=inputs,
+    )
