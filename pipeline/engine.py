@@ -79,8 +79,11 @@ class Stream:
             self.info.rank,
             self.info.world_size,
         )
+        # An own generator: otherwise each new iterator draws its worker base seed from the global RNG, and a
+        # resumed run (which opens an extra iterator mid-epoch) would shift the dropout masks that follow.
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate
+            self.dataset, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate, generator=gen
         )
         self._it = iter(loader)
 

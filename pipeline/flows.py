@@ -22,14 +22,16 @@ Modes, decided once per process by :func:`server_available`:
   answers 200): ``main`` runs inside a flow run named after the DVC stage, each ``step`` is a task run
   (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's argument hashing would return stale
   results for changed files), ``print`` goes to the Prefect logs (``log_prints=True``), metrics become
-  table artifacts. Cost measured by ``bench/bench_prefect_overhead.py``: ~1.5-2 s per stage process, most
-  of it ``import prefect``.
-* **no-server mode** (nothing configured, nothing answering, or ``PIPELINE_PREFECT=0``): Prefect is never
-  imported (the import alone costs ~1.5-2.5 s and a flow without a server would start a temporary server,
-  13-23 s). ``main`` and the steps are called directly; metrics are only logged.
+  table artifacts. Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU per stage process,
+  2.3-3 s wall under load; most of it is ``import prefect``.
+* **no-server mode** (nothing configured, nothing answering, ``PIPELINE_PREFECT=0``, or a torchrun rank
+  other than 0): Prefect is never imported (the import alone costs 1.2-2.5 s, and a flow without a server
+  would start a temporary server, 13-23 s). ``main`` and the steps are called directly; metrics are only
+  logged. Overhead ~0.1 s.
 
 Limits: a server that goes away in the middle of a stage makes Prefect's client calls fail, which fails the
-stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are switched off: they cost ~1 s per stage).
+stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are off: they cost ~1 s per stage).
+``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after ``run`` returns or raises.
 Only the environment and the profile file are read for the API URL, not ``prefect.toml`` or ``.env``.
 """
 
@@ -79,9 +81,12 @@ def server_available(timeout: float = 0.3) -> str | None:
     """The Prefect API URL if a server answers its health check within ``timeout`` seconds, else None.
 
     Reads ``PREFECT_API_URL`` from the environment or, when unset, from the active profile in
-    ``$PREFECT_HOME/profiles.toml``; never imports prefect. ``PIPELINE_PREFECT=0`` forces None.
+    ``$PREFECT_HOME/profiles.toml``; never imports prefect. ``PIPELINE_PREFECT=0`` forces None, and so does
+    a torchrun rank other than 0 (``RANK``).
     """
     if os.environ.get(DISABLE_ENV, "").strip().lower() in {"0", "false", "off", "no"}:
+        return None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports: one flow run per stage
         return None
     profile = _active_profile() if not os.environ.get("PREFECT_API_URL") else {}
     url = _setting("PREFECT_API_URL", profile)

@@ -38,7 +38,7 @@ class StageFailed(RuntimeError):
 
 
 def stage_order(repo_root: str | os.PathLike[str] = ".") -> list[str]:
-    """The pipeline stages of the DVC repo at ``repo_root``, dependencies first (``foreach`` items as ``name@item``).
+    """The DVC repo's pipeline stages, dependencies first; ``foreach`` items appear as ``name@item``.
 
     Ties are broken by name, so the order is stable across calls. ``.dvc`` files are not stages.
     """

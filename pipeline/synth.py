@@ -178,7 +178,7 @@ def source_style() -> SynthStyle:
 def target_style() -> SynthStyle:
     """Default target look: a car-mounted camera in real streets."""
     return SynthStyle(
-        texture_strength=0.35,
+        texture_strength=0.25,
         noise_std=7.0,
         blur_sigma=0.7,
         palette_shift=38.0,
@@ -305,7 +305,7 @@ _TEX[:] = (0.15, 0.1, 0.1)
 for _name, _w in {
     "road": (0.45, 0.35, 0.5), "sidewalk": (0.35, 0.5, 0.3), "building": (0.3, 0.6, 0.4),
     "wall": (0.45, 0.5, 0.2), "fence": (0.3, 0.2, 0.2), "vegetation": (1.0, 0.8, 0.4),
-    "terrain": (0.8, 0.6, 0.5), "sky": (0.0, 0.25, 1.0),
+    "terrain": (0.8, 0.6, 0.5), "sky": (0.0, 0.1, 0.2),
 }.items():  # fmt: skip
     _TEX[ID[_name]] = _w
 
@@ -947,11 +947,14 @@ def _finish(rgb: Image.Image, lab: np.ndarray, style: SynthStyle, rng: np.random
     img = np.where((lab == ID["sky"])[..., None], img * (1.0 + 0.25 * rows)[..., None], img)
     if style.texture_strength > 0:
         fine = rng.standard_normal((h, w)).astype(np.float32)
-        mid = _upsampled_noise(rng, h, w, 4) * 1.4
-        low = _upsampled_noise(rng, h, w, 16) * 1.4
+        mid = _upsampled_noise(rng, h, w, 4)
+        low = _upsampled_noise(rng, h, w, 16)
         wts = _TEX[lab]
         tex = wts[..., 0] * fine + wts[..., 1] * mid + wts[..., 2] * low
         img = img * (1.0 + style.texture_strength * np.clip(tex, -2.5, 2.5))[..., None]
+        # Clouds: the sky is brightened towards white where the low-frequency field is high.
+        cloud = np.clip(low - 0.3, 0.0, 1.0) * (lab == ID["sky"]) * min(1.0, 2.0 * style.texture_strength)
+        img = img + cloud[..., None] * (0.9 - img)
     if style.shadow_strength > 0:
         sh = Image.new("L", (w, h), 0)
         dr = ImageDraw.Draw(sh)

@@ -243,6 +243,10 @@ def test_server_available_finds_live_server(server: dict, tmp_path: Path, monkey
     monkeypatch.delenv("PREFECT_API_URL")
     (tmp_path / "profiles.toml").write_text(f'active = "s"\n[profiles.s]\nPREFECT_API_URL = "{server["url"]}"\n')
     assert flows.server_available() == server["url"]
+    monkeypatch.setenv("RANK", "1")  # torchrun worker: rank 0 alone reports the stage
+    assert flows.server_available() is None
+    monkeypatch.setenv("RANK", "0")
+    assert flows.server_available() == server["url"]
     monkeypatch.setenv(flows.DISABLE_ENV, "0")  # explicit opt-out wins
     assert flows.server_available() is None
 

@@ -1,0 +1,76 @@
+"""Prints the run's final table from ``metrics/evaluate.json``: ``python -m pipeline.summary [path]``.
+
+``make run`` calls it after ``dvc repro``; it reads only the metrics file, so it is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT = Path("metrics/evaluate.json")
+
+
+def _num(v: Any, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        # First column (names) left-aligned, numbers right-aligned.
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """Plain-text tables: mIoU / pixel accuracy / gap closed per stage, then pseudo-label quality."""
+    gaps = metrics.get("gap_closed", {})
+    rows = []
+    for name, m in metrics.get("stages", {}).items():
+        gap = "" if name not in gaps else _num(None if gaps[name] is None else 100 * gaps[name], "{:.1f}%")
+        rows.append([name, _num(m.get("miou")), _num(m.get("pixel_acc")), gap])
+    out = ["mIoU on target val (%), every stage's last.pt; gap closed vs warm-up (source only) -> oracle"]
+    out += _table(["stage", "mIoU", "pixel acc", "gap closed"], rows)
+    out.append(f"final model: {metrics.get('final_stage', '?')}")
+    quality = metrics.get("pseudo_labels", {})
+    if quality:
+        out += ["", "pseudo-label quality on target train (%, kept pixels)"]
+        q_rows = [
+            [
+                n,
+                _num(q.get("threshold"), "{:g}"),
+                _num(q.get("coverage")),
+                _num(q.get("pixel_acc")),
+                _num(q.get("miou")),
+            ]
+            for n, q in quality.items()
+        ]
+        out += _table(["labels", "threshold", "coverage", "pixel acc", "mIoU"], q_rows)
+    else:
+        out += ["", "pseudo-label quality: not measured (no target-train ground truth)"]
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = Path(args[0]) if args else DEFAULT
+    if not path.is_file():
+        print(f"{path} not found: run `dvc repro` first (it is written by the evaluate stage)", file=sys.stderr)
+        return 1
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        print(f"{path} is not valid JSON ({err}): rerun `dvc repro evaluate`", file=sys.stderr)
+        return 1
+    print(format_summary(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

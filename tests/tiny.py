@@ -1,0 +1,104 @@
+"""Tiny parameters and workspaces for running the real stages in seconds."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _optim(iters: int, **kw: Any) -> dict:
+    return {"iters": iters, "batch_size": 2, "lr": 0.01, "head_lr_mult": 1.0, "eval_every": 0, "ckpt_every": 2,
+            "log_every": 1, **kw}
+
+
+VIEW = {"crop": [32, 32], "scale_range": [0.9, 1.1]}
+
+TINY: dict[str, Any] = {
+    "base": {"seed": 0, "device": "cpu", "threads": 1},
+    "data": {
+        "embedded": {
+            "seed": 0, "height": 32, "width": 64, "n_source": 6, "n_target_train": 6, "n_target_val": 2,
+            "source_style": {}, "target_style": {},
+        },
+        "source": {"kind": "gta5", "root": "data/embedded/source"},
+        "target": {"kind": "cityscapes", "root": "data/embedded/target"},
+        "num_classes": 19,
+        "num_workers": 0,
+    },
+    "model": {"backbone": "resnet18", "width": 8, "output_stride": 8, "feat_dim": 16, "head_dilations": [1, 2, 3, 4],
+              "gn_groups": 8, "se_reduction": 4},
+    "warmup": {"optim": _optim(4), "view": VIEW, "adversarial": {"enabled": False, "ndf": 8}},
+    "oracle": {"optim": _optim(2), "view": VIEW},
+    "pseudo_label": {"batch_size": 4},
+    "prototypes": {"min_pixels": 1, "batch_size": 4},
+    "adapt": {"optim": _optim(3, lr=0.002), "view": VIEW, "ema_momentum": 0.9, "proto_momentum": 0.9,
+              "min_pixels": 1},
+    "teacher": {"batch_size": 4},
+    "distill": {"rounds": {"1": {"teacher": "models/adapt"}}, "optim": _optim(2), "view": VIEW},
+    "evaluate": {"batch_size": 4, "n_overlays": 2},
+}
+
+
+def tiny_params(**overrides: Any) -> dict:
+    """TINY with dotted-key overrides, e.g. tiny_params(**{"warmup.optim.iters": 6})."""
+    p = copy.deepcopy(TINY)
+    for key, value in overrides.items():
+        node = p
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+    return p
+
+
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def workspace(root: Path, params: dict | None = None, git_dvc: bool = False) -> Path:
+    """A copy of the project (code, dvc.yaml) with tiny params; optionally a git + DVC repo."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_params(root, params or tiny_params())
+    if git_dvc:
+        run(["git", "init", "-q"], root)
+        run(["git", "config", "user.email", "t@t"], root)
+        run(["git", "config", "user.name", "t"], root)
+        run([sys.executable, "-m", "dvc", "init", "-q"], root)
+        run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+        # Keep DVC's per-repo state inside the temp dir instead of the machine's site cache.
+        run([sys.executable, "-m", "dvc", "config", "core.site_cache_dir", str(root / ".dvc_site")], root)
+        (root / ".gitignore").write_text(".dvc_site/\n.resume/\n__pycache__/\n")
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-qm", "init"], root)
+    return root
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The test's environment with this interpreter's bin first, so dvc.yaml's `python` is the venv's."""
+    bindir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    kw.setdefault("env", env())
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def stage(name: str, root: Path, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
+    """Runs `python -m stages.<name> args` in root, as dvc.yaml's cmd does."""
+    return run([sys.executable, "-m", f"stages.{name}", *args], root, check=check, **kw)
