@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdaptParams, StrongParams
-from pipeline.engine import FitResult, _autocast, build_optimizer, collate
+from pipeline.engine import _autocast, build_optimizer, collate
 from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.models import ModelEMA, param_groups
 from pipeline.prototypes import PrototypeBank, proto_logits, rectify
@@ -185,7 +185,7 @@ def rectified_quality(ctx: Context, task: ProDATask, store_path: Path, threshold
     return {"raw": raw_acc.summary(ctx.class_names), "rectified": rect_acc.summary(ctx.class_names)}
 
 
-def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path) -> FitResult:
+def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path) -> dict:
     p = ctx.params.adapt
     model = load_model(warmup, ctx)
     model.train()
@@ -206,7 +206,7 @@ def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path)
         "target": stream(ctx, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1),
     }
     inputs = [ckpt.sha256_file(x) for x in (warmup, protos_path, manifest_path("source"))] + [store.checkpoint_sha256]
-    res = run_training(
+    metrics = run_training(
         ctx,
         task,
         streams,
@@ -221,9 +221,10 @@ def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path)
     if ctx.info.is_main:
         task.bank.save(Path("models/adapt/prototypes.pt"), ctx.class_names)
         ckpt.save_atomic(task.ema.state_dict(), Path("models/adapt/ema.pt"))
-        q = rectified_quality(ctx, task, store_path, 0.0)
+        q = ctx.step("rectified_quality", rectified_quality, ctx, task, store_path, 0.0)
         if q is not None:
+            metrics["rectified_pseudo_labels"] = {k: v["miou"] for k, v in q.items()}
             write_json(
                 "metrics/adapt_rectified.json", {k: {m: v[m] for m in ("pixel_acc", "miou")} for k, v in q.items()}
             )
-    return res
+    return metrics

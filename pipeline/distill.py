@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import DistillParams
-from pipeline.engine import FitResult, build_optimizer
+from pipeline.engine import build_optimizer
 from pipeline.losses import cross_entropy, kd_kl, masked_ce_hard
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.pseudo_store import PseudoLabelStore
@@ -115,7 +115,7 @@ def student(ctx: Context, p: DistillParams, teacher_path: Path) -> nn.Module:
     return model.to(ctx.info.device)
 
 
-def train_distill(ctx: Context, r: int) -> FitResult:
+def train_distill(ctx: Context, r: int) -> dict:
     p = ctx.params.distill
     rounds = p.rounds
     if r not in rounds:

@@ -545,7 +545,7 @@ def write_outputs(report: Report) -> dict[str, Any]:
     render_confusion(
         report.stages[report.final_stage].cm,
         report.class_names,
-        f"{report.final_stage} on target val: row-normalised confusion (%)",
+        f"{report.final_stage} on target val: confusion, rows normalised (cells: % of the ground-truth class)",
         CONFUSION_PNG,
     )
     render_overlays(report, OVERLAYS_PNG)

@@ -31,6 +31,15 @@ class Context:
     params: Params
     info: DistInfo
     class_names: list[str]
+    # The stage's Prefect-or-plain run (pipeline.flows.StageRun): `ctx.run.step(name, fn, ...)`.
+    run: Any = None
+
+    def step(self, name: str, fn, /, *args, **kwargs):
+        return fn(*args, **kwargs) if self.run is None else self.run.step(name, fn, *args, **kwargs)
+
+    def publish(self, name: str, metrics: dict) -> None:
+        if self.run is not None and self.info.is_main:
+            self.run.publish_metrics(name, metrics)
 
     @property
     def num_classes(self) -> int:
@@ -88,9 +97,7 @@ def new_model(mp: ModelParams, num_classes: int) -> SegModel:
     )
 
 
-def save_model(
-    path: str | Path, model: torch.nn.Module, ctx: Context, mp: ModelParams, extra: dict | None
-) -> None:
+def save_model(path: str | Path, model: torch.nn.Module, ctx: Context, mp: ModelParams, extra: dict | None) -> None:
     meta = {
         "stage": ctx.stage,
         "class_names": ctx.class_names,

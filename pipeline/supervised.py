@@ -16,7 +16,7 @@ from torch.func import functional_call
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdversarialParams, OptimParams
 from pipeline.distributed import unwrap
-from pipeline.engine import FitResult, build_optimizer
+from pipeline.engine import build_optimizer
 from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.models import Discriminator, param_groups
 from pipeline.runtime import Context, manifest_path, new_model
@@ -73,9 +73,7 @@ class SupervisedTask:
         # One forward over both domains: a single DDP forward per step, and shared BN statistics.
         logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
         size = src["image"].shape[-2:]
-        probs = F.softmax(
-            F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), dim=1
-        )
+        probs = F.softmax(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), dim=1)
         ce = cross_entropy(logits[:n], src["label"])
         # Generator term through a frozen copy of the discriminator's weights, so it updates only the net.
         d = unwrap(self.disc)
@@ -87,14 +85,12 @@ class SupervisedTask:
         return total, {"ce": ce.item(), "adv_g": g_adv.item(), "adv_d": d_loss.item()}
 
 
-def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> FitResult:
+def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> dict:
     """The warm-up (labeled = "source") and oracle (labeled = "target_train") stages."""
     sec = getattr(ctx.params, ctx.stage)
     adv = getattr(sec, "adversarial", None)
     model = new_model(ctx.params.model, ctx.num_classes).to(ctx.info.device)
-    task = SupervisedTask(
-        model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx)
-    )
+    task = SupervisedTask(model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx))
     tf = WeakTransform(sec.view)
     streams = {"labeled": stream(ctx, labeled, True, tf, sec.optim.batch_size, salt=0)}
     names = ["ce"]

@@ -65,9 +65,21 @@ VEHICLE_CLASSES = ("car", "parked car", "truck", "bus", "train", "motorcycle")
 # One class per image is forced near the camera, in rotation, so every class shows up within a few images
 # even at tiny resolutions.
 FORCED_ROTATION: tuple[str, ...] = (
-    "train", "bus", "truck", "motorcycle", "rider", "bicycle", "traffic light",
-    "traffic sign", "wall", "fence", "terrain", "person", "pole", "car",
-)  # fmt: skip
+    "train",
+    "bus",
+    "truck",
+    "motorcycle",
+    "rider",
+    "bicycle",
+    "traffic light",
+    "traffic sign",
+    "wall",
+    "fence",
+    "terrain",
+    "person",
+    "pole",
+    "car",
+)
 
 DOMAIN_CODE = {"source": 1, "target": 2}
 SPLIT_CODE = {"train": 1, "val": 2}
@@ -135,8 +147,17 @@ class SynthStyle:
             raise ValueError(f"class_frequency: unknown names {sorted(unknown)}; known: {sorted(BASE_RATES)}")
         if not 0.05 <= self.horizon <= 0.95:
             raise ValueError(f"horizon must be within 0.05..0.95 of the height, got {self.horizon}")
-        for name in ("noise_std", "blur_sigma", "palette_shift", "texture_strength", "camera_height",
-                     "object_scale", "brightness", "gamma", "saturation"):  # fmt: skip
+        for name in (
+            "noise_std",
+            "blur_sigma",
+            "palette_shift",
+            "texture_strength",
+            "camera_height",
+            "object_scale",
+            "brightness",
+            "gamma",
+            "saturation",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -263,7 +284,14 @@ PALETTE: dict[str, list[RGB]] = {
     "road": [(88, 86, 98), (100, 96, 104), (78, 80, 88)],
     "road marking": [(235, 235, 225)],
     "sidewalk": [(196, 178, 168), (180, 176, 190), (204, 190, 150)],
-    "building": [(188, 122, 84), (206, 194, 160), (150, 152, 166), (176, 84, 72), (226, 214, 190), (120, 110, 100)],
+    "building": [
+        (188, 122, 84),
+        (206, 194, 160),
+        (150, 152, 166),
+        (176, 84, 72),
+        (226, 214, 190),
+        (120, 110, 100),
+    ],
     "window": [(60, 74, 96), (40, 48, 60), (150, 178, 200)],
     "wall": [(168, 160, 136), (140, 140, 150), (186, 170, 150)],
     "fence": [(128, 92, 58), (96, 112, 112), (150, 150, 150)],
@@ -303,10 +331,15 @@ def _domain_offsets(style: SynthStyle) -> dict[str, np.ndarray]:
 _TEX = np.zeros((256, 3), dtype=np.float32)
 _TEX[:] = (0.15, 0.1, 0.1)
 for _name, _w in {
-    "road": (0.45, 0.35, 0.5), "sidewalk": (0.35, 0.5, 0.3), "building": (0.3, 0.6, 0.4),
-    "wall": (0.45, 0.5, 0.2), "fence": (0.3, 0.2, 0.2), "vegetation": (1.0, 0.8, 0.4),
-    "terrain": (0.8, 0.6, 0.5), "sky": (0.0, 0.1, 0.2),
-}.items():  # fmt: skip
+    "road": (0.45, 0.35, 0.5),
+    "sidewalk": (0.35, 0.5, 0.3),
+    "building": (0.3, 0.6, 0.4),
+    "wall": (0.45, 0.5, 0.2),
+    "fence": (0.3, 0.2, 0.2),
+    "vegetation": (1.0, 0.8, 0.4),
+    "terrain": (0.8, 0.6, 0.5),
+    "sky": (0.0, 0.1, 0.2),
+}.items():
     _TEX[ID[_name]] = _w
 
 
@@ -317,8 +350,9 @@ class _Scene:
     Z_NEAR = 1.0
     Z_FAR = 70.0
 
-    def __init__(self, h: int, w: int, style: SynthStyle, offsets: dict[str, np.ndarray],
-                 rng: np.random.Generator) -> None:  # fmt: skip
+    def __init__(
+        self, h: int, w: int, style: SynthStyle, offsets: dict[str, np.ndarray], rng: np.random.Generator
+    ) -> None:
         self.h, self.w, self.style, self.offsets, self.rng = h, w, style, offsets, rng
         self.lab = Image.new("L", (w, h), ID["unlabeled"])
         self.rgb = Image.new("RGB", (w, h), (0, 0, 0))
@@ -358,8 +392,7 @@ class _Scene:
             self.dl.polygon(pts, fill=ID[name])
             self.dc.polygon(pts, fill=c)
 
-    def ellipse(self, name: str, c: RGB, cx: float, cy: float, rx: float, ry: float,
-                width: int = 0) -> None:  # fmt: skip
+    def ellipse(self, name: str, c: RGB, cx: float, cy: float, rx: float, ry: float, width: int = 0) -> None:
         rx, ry = max(rx, 0.5), max(ry, 0.5)
         box = [cx - rx, cy - ry, cx + rx, cy + ry]
         if width > 0 and min(rx, ry) > width + 1:
@@ -374,12 +407,15 @@ class _Scene:
         self.dl.line(pts, fill=ID[name], width=wpx)
         self.dc.line(pts, fill=c, width=wpx)
 
-    def rect_bb(self, name: str, c: RGB, x: float, z: float, u0: float, u1: float, v0: float, v1: float) -> None:
+    def rect_bb(
+        self, name: str, c: RGB, x: float, z: float, u0: float, u1: float, v0: float, v1: float
+    ) -> None:
         self.poly(name, c, self.bb(x, z, [(u0, v0), (u1, v0), (u1, v1), (u0, v1)]))
 
-    def circle_bb(self, name: str, c: RGB, x: float, z: float, u: float, v: float, r: float,
-                  width_m: float = 0.0) -> None:  # fmt: skip
-        (cx, cy), = self.bb(x, z, [(u, v)])
+    def circle_bb(
+        self, name: str, c: RGB, x: float, z: float, u: float, v: float, r: float, width_m: float = 0.0
+    ) -> None:
+        ((cx, cy),) = self.bb(x, z, [(u, v)])
         rp = self.f * r * self.s / z
         wpx = int(round(self.f * width_m * self.s / z)) if width_m > 0 else 0
         self.ellipse(name, c, cx, cy, rp, rp, width=max(1, wpx) if width_m > 0 else 0)
@@ -447,15 +483,21 @@ class _Painter:
             r = rng.uniform()
             if r < 0.6:
                 hgt = rng.uniform(8, 35)
-                sc.poly("building", sc.colour("building", shade=0.9),
-                        [sc.p(x, 0, z), sc.p(x + wd, 0, z), sc.p(x + wd, hgt, z), sc.p(x, hgt, z)])
+                sc.poly(
+                    "building",
+                    sc.colour("building", shade=0.9),
+                    [sc.p(x, 0, z), sc.p(x + wd, 0, z), sc.p(x + wd, hgt, z), sc.p(x, hgt, z)],
+                )
             elif r < 0.85:
                 hgt = rng.uniform(5, 14)
                 cx, cy = sc.p(x + wd / 2, hgt * 0.6, z)
                 rx, ry = sc.f * wd * 0.6 / z, sc.f * hgt * 0.45 / z
                 sc.ellipse("vegetation", sc.colour("vegetation"), cx, cy, rx, ry)
-                sc.poly("vegetation", sc.colour("vegetation"),
-                        [sc.p(x, 0, z), sc.p(x + wd, 0, z), sc.p(x + wd, hgt * 0.4, z), sc.p(x, hgt * 0.4, z)])
+                sc.poly(
+                    "vegetation",
+                    sc.colour("vegetation"),
+                    [sc.p(x, 0, z), sc.p(x + wd, 0, z), sc.p(x + wd, hgt * 0.4, z), sc.p(x, hgt * 0.4, z)],
+                )
             x += wd
 
     def ground(self) -> None:
@@ -690,18 +732,34 @@ class _Painter:
         glass, tyre = sc.colour("glass", jitter=8), sc.colour("tyre", jitter=4)
         if side_view:
             d = 1 if rng.uniform() < 0.5 else -1
-            prof = [(-2.15, 0.3), (2.15, 0.3), (2.2, 0.8), (1.4, 0.95), (0.8, 1.45), (-1.0, 1.45),
-                    (-1.7, 1.0), (-2.15, 0.95)]  # fmt: skip
+            prof = [
+                (-2.15, 0.3),
+                (2.15, 0.3),
+                (2.2, 0.8),
+                (1.4, 0.95),
+                (0.8, 1.45),
+                (-1.0, 1.45),
+                (-1.7, 1.0),
+                (-2.15, 0.95),
+            ]
             sc.poly("car", col, sc.bb(x, z, [(d * u, v) for u, v in prof]))
-            sc.poly("car", glass, sc.bb(x, z, [(d * u, v) for u, v in
-                                               [(1.25, 0.98), (0.75, 1.38), (-0.9, 1.38), (-1.5, 0.98)]]))
+            sc.poly(
+                "car",
+                glass,
+                sc.bb(
+                    x, z, [(d * u, v) for u, v in [(1.25, 0.98), (0.75, 1.38), (-0.9, 1.38), (-1.5, 0.98)]]
+                ),
+            )
             for u in (-1.35, 1.35):
                 sc.circle_bb("car", tyre, x, z, d * u, 0.33, 0.33)
             return
         for u in (-0.88, 0.58):
             sc.rect_bb("car", tyre, x, z, u, u + 0.3, 0.0, 0.4)
-        sc.poly("car", col, sc.bb(x, z, [(-0.9, 0.3), (0.9, 0.3), (0.92, 0.9), (0.8, 1.0), (-0.8, 1.0),
-                                         (-0.92, 0.9)]))  # fmt: skip
+        sc.poly(
+            "car",
+            col,
+            sc.bb(x, z, [(-0.9, 0.3), (0.9, 0.3), (0.92, 0.9), (0.8, 1.0), (-0.8, 1.0), (-0.92, 0.9)]),
+        )
         sc.poly("car", col, sc.bb(x, z, [(-0.8, 0.95), (0.8, 0.95), (0.6, 1.45), (-0.6, 1.45)]))
         sc.poly("car", glass, sc.bb(x, z, [(-0.68, 1.0), (0.68, 1.0), (0.54, 1.38), (-0.54, 1.38)]))
         light = sc.colour("lamp", jitter=4)
@@ -715,11 +773,19 @@ class _Painter:
         tyre, glass = sc.colour("tyre", jitter=4), sc.colour("glass", jitter=8)
         if side_view:
             d = 1 if self.rng.uniform() < 0.5 else -1
-            sc.poly("truck", box, sc.bb(x, z, [(d * -4.2, 0.8), (d * 1.8, 0.8), (d * 1.8, 3.8), (d * -4.2, 3.8)]))
-            sc.poly("truck", col, sc.bb(x, z, [(d * 1.9, 0.6), (d * 4.0, 0.6), (d * 4.0, 2.2), (d * 3.5, 3.1),
-                                               (d * 1.9, 3.1)]))  # fmt: skip
-            sc.poly("truck", glass, sc.bb(x, z, [(d * 3.0, 2.0), (d * 3.85, 2.0), (d * 3.45, 2.9),
-                                                 (d * 3.0, 2.9)]))  # fmt: skip
+            sc.poly(
+                "truck", box, sc.bb(x, z, [(d * -4.2, 0.8), (d * 1.8, 0.8), (d * 1.8, 3.8), (d * -4.2, 3.8)])
+            )
+            sc.poly(
+                "truck",
+                col,
+                sc.bb(x, z, [(d * 1.9, 0.6), (d * 4.0, 0.6), (d * 4.0, 2.2), (d * 3.5, 3.1), (d * 1.9, 3.1)]),
+            )
+            sc.poly(
+                "truck",
+                glass,
+                sc.bb(x, z, [(d * 3.0, 2.0), (d * 3.85, 2.0), (d * 3.45, 2.9), (d * 3.0, 2.9)]),
+            )
             for u in (-3.2, -2.2, 3.0):
                 sc.circle_bb("truck", tyre, x, z, d * u, 0.5, 0.5)
             return
@@ -760,8 +826,12 @@ class _Painter:
         sc.rect_bb("train", col, x, z, -1.3, 1.3, 0.35, 3.5)
         sc.rect_bb("train", glass, x, z, -1.1, 1.1, 1.6, 3.1)
         sc.rect_bb("train", sc.tint(col, 0.6), x, z, -1.3, 1.3, 0.3, 0.5)
-        sc.line("train", sc.colour("pole", jitter=4),  # pantograph
-                sc.bb(x, z, [(-0.6, 3.5), (0.0, 4.3), (0.6, 3.5)]), sc.f * 0.05 / z)
+        sc.line(
+            "train",
+            sc.colour("pole", jitter=4),  # pantograph
+            sc.bb(x, z, [(-0.6, 3.5), (0.0, 4.3), (0.6, 3.5)]),
+            sc.f * 0.05 / z,
+        )
 
     def tram_side(self, z: float) -> None:
         """A long tram crossing the street at depth z, on its own rails."""
@@ -773,15 +843,31 @@ class _Painter:
         rail = sc.colour("pole", jitter=6)
         for dz in (-0.7, 0.7):
             sc.ground_quad("road", rail, -self.rl, self.rr, z + dz - 0.04, z + dz + 0.04)
-        sc.poly("train", col, [sc.p(x0, 0.4, z), sc.p(x0 + ln, 0.4, z), sc.p(x0 + ln, 3.2, z),
-                               sc.p(x0 + ln - 0.5, 3.6, z), sc.p(x0 + 0.5, 3.6, z), sc.p(x0, 3.2, z)])  # fmt: skip
+        sc.poly(
+            "train",
+            col,
+            [
+                sc.p(x0, 0.4, z),
+                sc.p(x0 + ln, 0.4, z),
+                sc.p(x0 + ln, 3.2, z),
+                sc.p(x0 + ln - 0.5, 3.6, z),
+                sc.p(x0 + 0.5, 3.6, z),
+                sc.p(x0, 3.2, z),
+            ],
+        )
         u = x0 + 0.8
         while u + 1.2 < x0 + ln - 0.5:
-            sc.poly("train", glass, [sc.p(u, 1.5, z), sc.p(u + 1.2, 1.5, z), sc.p(u + 1.2, 2.8, z),
-                                     sc.p(u, 2.8, z)])  # fmt: skip
+            sc.poly(
+                "train",
+                glass,
+                [sc.p(u, 1.5, z), sc.p(u + 1.2, 1.5, z), sc.p(u + 1.2, 2.8, z), sc.p(u, 2.8, z)],
+            )
             u += 1.6
-        sc.poly("train", sc.tint(col, 0.5), [sc.p(x0, 0.0, z), sc.p(x0 + ln, 0.0, z), sc.p(x0 + ln, 0.45, z),
-                                             sc.p(x0, 0.45, z)])  # fmt: skip
+        sc.poly(
+            "train",
+            sc.tint(col, 0.5),
+            [sc.p(x0, 0.0, z), sc.p(x0 + ln, 0.0, z), sc.p(x0 + ln, 0.45, z), sc.p(x0, 0.45, z)],
+        )
 
     def person(self, x: float, z: float, cloth: RGB | None = None) -> None:
         sc, rng = self.sc, self.rng
@@ -793,8 +879,10 @@ class _Painter:
         sc.poly("person", legs, sc.bb(x, z, bb))
         bb = [(u * hs, v * hs) for u, v in [(0.03, 0.0), (0.17 + step, 0.0), (0.2, 0.86), (0.02, 0.86)]]
         sc.poly("person", legs, sc.bb(x, z, bb))
-        bb = [(u * hs, v * hs) for u, v in [(-0.22, 0.82), (0.22, 0.82), (0.24, 1.45), (0.1, 1.5), (-0.1, 1.5),
-                                            (-0.24, 1.45)]]  # fmt: skip
+        bb = [
+            (u * hs, v * hs)
+            for u, v in [(-0.22, 0.82), (0.22, 0.82), (0.24, 1.45), (0.1, 1.5), (-0.1, 1.5), (-0.24, 1.45)]
+        ]
         sc.poly("person", top, sc.bb(x, z, bb))
         for sgn in (-1, 1):
             bb = [(sgn * u * hs, v * hs) for u, v in [(0.24, 1.45), (0.31, 1.42), (0.33, 0.85), (0.26, 0.85)]]
@@ -821,8 +909,12 @@ class _Painter:
             sc.circle_bb("motorcycle", tyre, x, z, d * u, 0.32, 0.32)
         body = [(-0.75, 0.5), (0.55, 0.45), (0.7, 0.75), (0.35, 0.95), (-0.2, 0.9), (-0.8, 0.8)]
         sc.poly("motorcycle", col, sc.bb(x, z, [(d * u, v) for u, v in body]))
-        sc.line("motorcycle", sc.colour("pole", jitter=4),
-                sc.bb(x, z, [(d * 0.7, 0.32), (d * 0.55, 1.1)]), sc.f * 0.06 * sc.s / z)
+        sc.line(
+            "motorcycle",
+            sc.colour("pole", jitter=4),
+            sc.bb(x, z, [(d * 0.7, 0.32), (d * 0.55, 1.1)]),
+            sc.f * 0.06 * sc.s / z,
+        )
 
     def rider(self, x: float, z: float, moto: bool) -> None:
         """A rider on a bicycle or motorcycle, seen from the side or from behind."""
@@ -843,12 +935,22 @@ class _Painter:
         d = 1 if rng.uniform() < 0.5 else -1
         (self.motorcycle if moto else self.bicycle)(x, z, vcol, d)
         seat_v = 0.9 if moto else 0.95
-        sc.poly("rider", legs, sc.bb(x, z, [(d * -0.25, seat_v), (d * 0.05, seat_v), (d * 0.15, 0.35),
-                                            (d * 0.0, 0.35)]))  # fmt: skip
-        sc.poly("rider", top, sc.bb(x, z, [(d * -0.3, seat_v), (d * 0.05, seat_v), (d * 0.25, 1.55),
-                                           (d * -0.05, 1.6)]))  # fmt: skip
-        sc.line("rider", sc.tint(top, 0.85), sc.bb(x, z, [(d * 0.15, 1.45), (d * 0.4, 1.05)]),
-                sc.f * 0.08 * sc.s / z)
+        sc.poly(
+            "rider",
+            legs,
+            sc.bb(x, z, [(d * -0.25, seat_v), (d * 0.05, seat_v), (d * 0.15, 0.35), (d * 0.0, 0.35)]),
+        )
+        sc.poly(
+            "rider",
+            top,
+            sc.bb(x, z, [(d * -0.3, seat_v), (d * 0.05, seat_v), (d * 0.25, 1.55), (d * -0.05, 1.6)]),
+        )
+        sc.line(
+            "rider",
+            sc.tint(top, 0.85),
+            sc.bb(x, z, [(d * 0.15, 1.45), (d * 0.4, 1.05)]),
+            sc.f * 0.08 * sc.s / z,
+        )
         sc.circle_bb("rider", skin if not moto else sc.colour("motorcycle"), x, z, d * 0.15, 1.75, 0.13)
 
     def pole(self, x: float, z: float, kind: str, side: int) -> None:
@@ -861,9 +963,16 @@ class _Painter:
         if kind == "lamp":
             arm = -side * rng.uniform(1.0, 2.5)
             sc.line("pole", col, [sc.p(x, hgt, z), sc.p(x + arm, hgt + 0.3, z)], sc.f * 0.1 / z)
-            sc.poly("pole", sc.tint(col, 1.2), [sc.p(x + arm - 0.35, hgt + 0.35, z), sc.p(x + arm + 0.35, hgt + 0.35, z),
-                                                sc.p(x + arm + 0.25, hgt + 0.15, z),
-                                                sc.p(x + arm - 0.25, hgt + 0.15, z)])  # fmt: skip
+            sc.poly(
+                "pole",
+                sc.tint(col, 1.2),
+                [
+                    sc.p(x + arm - 0.35, hgt + 0.35, z),
+                    sc.p(x + arm + 0.35, hgt + 0.35, z),
+                    sc.p(x + arm + 0.25, hgt + 0.15, z),
+                    sc.p(x + arm - 0.25, hgt + 0.15, z),
+                ],
+            )
         elif kind == "light":
             # Either on top of the pole or hanging from an arm over the road.
             lx = x if rng.uniform() < 0.5 else x - side * rng.uniform(2.0, 4.0)
@@ -890,13 +999,32 @@ class _Painter:
                 sc.ellipse("traffic sign", c2, cx, cy, r * 0.7, r * 0.7)
             elif shape == 1:  # warning triangle
                 sc.poly("traffic sign", c1, [(cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r), (cx, cy - r)])
-                sc.poly("traffic sign", c2, [(cx - 0.6 * r, cy + 0.55 * r), (cx + 0.6 * r, cy + 0.55 * r),
-                                             (cx, cy - 0.5 * r)])  # fmt: skip
+                sc.poly(
+                    "traffic sign",
+                    c2,
+                    [(cx - 0.6 * r, cy + 0.55 * r), (cx + 0.6 * r, cy + 0.55 * r), (cx, cy - 0.5 * r)],
+                )
             elif shape == 2:  # rectangular information sign
-                sc.poly("traffic sign", c1, [(cx - 1.1 * r, cy - 0.8 * r), (cx + 1.1 * r, cy - 0.8 * r),
-                                             (cx + 1.1 * r, cy + 0.8 * r), (cx - 1.1 * r, cy + 0.8 * r)])
-                sc.poly("traffic sign", c2, [(cx - 0.7 * r, cy - 0.15 * r), (cx + 0.7 * r, cy - 0.15 * r),
-                                             (cx + 0.7 * r, cy + 0.15 * r), (cx - 0.7 * r, cy + 0.15 * r)])
+                sc.poly(
+                    "traffic sign",
+                    c1,
+                    [
+                        (cx - 1.1 * r, cy - 0.8 * r),
+                        (cx + 1.1 * r, cy - 0.8 * r),
+                        (cx + 1.1 * r, cy + 0.8 * r),
+                        (cx - 1.1 * r, cy + 0.8 * r),
+                    ],
+                )
+                sc.poly(
+                    "traffic sign",
+                    c2,
+                    [
+                        (cx - 0.7 * r, cy - 0.15 * r),
+                        (cx + 0.7 * r, cy - 0.15 * r),
+                        (cx + 0.7 * r, cy + 0.15 * r),
+                        (cx - 0.7 * r, cy + 0.15 * r),
+                    ],
+                )
             else:  # back of a sign: plain grey disc
                 sc.ellipse("traffic sign", sc.colour("pole", jitter=6, shade=1.15), cx, cy, r, r)
 
@@ -909,7 +1037,9 @@ class _Painter:
         for _ in range(int(rng.integers(3, 6))):
             cx, cy = sc.p(x + rng.uniform(-1, 1), hgt * rng.uniform(0.6, 0.85), z)
             rx = sc.f * rng.uniform(1.0, 2.2) / z
-            sc.ellipse("vegetation", sc.tint(col, rng.uniform(0.85, 1.15)), cx, cy, rx, rx * rng.uniform(0.8, 1.2))
+            sc.ellipse(
+                "vegetation", sc.tint(col, rng.uniform(0.85, 1.15)), cx, cy, rx, rx * rng.uniform(0.8, 1.2)
+            )
 
     def clutter(self, x: float, z: float) -> None:
         """Bins and benches: 'static', an ignored Cityscapes class."""
@@ -926,7 +1056,10 @@ class _Painter:
         sc = self.sc
         hb = sc.style.ego_vehicle * sc.h
         xs = np.linspace(0, sc.w, 17)
-        top = [(float(xx), float(sc.h - hb * (0.6 + 0.4 * (1 - ((xx - sc.w / 2) / (sc.w / 2)) ** 2)))) for xx in xs]
+        top = [
+            (float(xx), float(sc.h - hb * (0.6 + 0.4 * (1 - ((xx - sc.w / 2) / (sc.w / 2)) ** 2))))
+            for xx in xs
+        ]
         sc.poly("ego vehicle", sc.colour("ego vehicle", jitter=4), [(0, sc.h), *top, (sc.w, sc.h)])
 
 
@@ -961,7 +1094,9 @@ def _finish(rgb: Image.Image, lab: np.ndarray, style: SynthStyle, rng: np.random
         for _ in range(int(rng.integers(1, 4))):
             x0, x1 = sorted(rng.uniform(-0.3 * w, 1.3 * w, 2))
             y0 = rng.uniform(0.3 * h, h)
-            dr.polygon([(x0, y0), (x1, y0), (x1 + rng.uniform(-0.3, 0.3) * w, h), (x0 - 0.2 * w, h)], fill=255)
+            dr.polygon(
+                [(x0, y0), (x1, y0), (x1 + rng.uniform(-0.3, 0.3) * w, h), (x0 - 0.2 * w, h)], fill=255
+            )
         m = np.asarray(sh.filter(ImageFilter.GaussianBlur(max(0.5, 0.01 * w))), dtype=np.float32) / 255.0
         img = img * (1.0 - style.shadow_strength * m)[..., None]
     gain = style.brightness * (1.0 + style.brightness_jitter * rng.standard_normal())
@@ -982,7 +1117,9 @@ def render(cfg: SynthConfig, domain: str, split: str, index: int) -> tuple[np.nd
     Depends only on (cfg.seed, domain, split, index) and the domain's style: splits can grow stably.
     """
     style = cfg.source_style if domain == "source" else cfg.target_style
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, DOMAIN_CODE[domain], SPLIT_CODE[split], index]))
+    rng = np.random.default_rng(
+        np.random.SeedSequence([cfg.seed, DOMAIN_CODE[domain], SPLIT_CODE[split], index])
+    )
     sc = _Scene(cfg.height, cfg.width, style, _domain_offsets(style), rng)
     _Painter(sc, FORCED_ROTATION[index % len(FORCED_ROTATION)]).paint()
     lab = np.asarray(sc.lab, dtype=np.uint8).copy()
@@ -1036,8 +1173,10 @@ def generate(root: str | Path, cfg: SynthConfig) -> dict[str, Any]:
         _save_png(src_lab / _source_name(i), lab, "L")
         tally("source", lab)
     counts.setdefault("source", 0)
-    for split, n, cities in (("train", cfg.n_target_train, cfg.train_cities), ("val", cfg.n_target_val,
-                                                                                cfg.val_cities)):  # fmt: skip
+    for split, n, cities in (
+        ("train", cfg.n_target_train, cfg.train_cities),
+        ("val", cfg.n_target_val, cfg.val_cities),
+    ):
         key = f"target_{split}"
         counts.setdefault(key, 0)
         for c in cities:

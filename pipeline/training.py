@@ -82,8 +82,11 @@ def run_training(
     plots_dir: Path,
     loss_names: list[str],
     inputs: list[Any],
-) -> FitResult:
-    """Trains `task`, writes ``out_dir/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0)."""
+) -> dict:
+    """Trains `task`, writes ``out_dir/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0).
+
+    Returns the metrics written (on every rank; only rank 0 writes files).
+    """
     evaluator = make_evaluator(ctx)
     iou_last: dict[str, Any] = {}
 
@@ -96,7 +99,9 @@ def run_training(
 
     section = ctx.params.model_dump(mode="json").get(ctx.stage.split("@")[0], {})
     fp = ckpt.fingerprint(ctx.stage, section, ctx.params.model.model_dump(mode="json"), ctx.params.base.seed, inputs)
-    res = fit(
+    res: FitResult = ctx.step(
+        "train",
+        fit,
         task,
         streams,
         optim,
@@ -109,23 +114,19 @@ def run_training(
         loss_names=loss_names,
         export=export,
     )
+    clean = lambda d: {k: v for k, v in (d or {}).items() if not k.startswith("_")}  # noqa: E731
+    final = clean(res.final_metrics)
+    metrics = {
+        "miou": final.get("miou"),
+        "pixel_acc": final.get("pixel_acc"),
+        "per_class_iou": final.get("per_class_iou"),
+        "best": {"miou": clean(res.best_metrics).get("miou"), "step": clean(res.best_metrics).get("step")},
+        "iters": optim.iters,
+        "train_seconds": round(res.seconds, 2),
+        "resumed_from": res.resumed_from,
+    }
     if ctx.info.is_main:
-        clean = lambda d: {k: v for k, v in (d or {}).items() if not k.startswith("_")}  # noqa: E731
-        final = clean(res.final_metrics)
-        write_json(
-            metrics_path,
-            {
-                "miou": final.get("miou"),
-                "pixel_acc": final.get("pixel_acc"),
-                "per_class_iou": final.get("per_class_iou"),
-                "best": {
-                    "miou": clean(res.best_metrics).get("miou"),
-                    "step": clean(res.best_metrics).get("step"),
-                },
-                "iters": optim.iters,
-                "train_seconds": round(res.seconds, 2),
-            },
-        )
+        write_json(metrics_path, metrics)
         if iou_last.get("iou") is not None:
             write_per_class_csv(plots_dir / "per_class.csv", ctx.class_names, iou_last["iou"])
-    return res
+    return metrics

@@ -12,16 +12,16 @@ from pipeline.stage import run_stage
 OUT = Path(EMBEDDED_ROOT)
 
 
-def main(ctx: Context) -> None:
+def main(ctx: Context) -> dict | None:
     emb = ctx.params.data.embedded
     if emb is None:
         OUT.mkdir(parents=True, exist_ok=True)
         (OUT / "NOT_USED.txt").write_text("data.embedded is null: this run uses the dataset roots in params.\n")
-        return
+        return None
     from pipeline.synth import generate
 
-    summary = generate(OUT, emb.synth_config())
-    print(f"[generate] {summary.get('counts', summary)}", flush=True)
+    summary = ctx.step("generate", generate, OUT, emb.synth_config())
+    return summary.get("counts", summary)
 
 
 if __name__ == "__main__":

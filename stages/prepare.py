@@ -5,10 +5,10 @@ from pipeline.runtime import MANIFESTS, Context, write_json
 from pipeline.stage import run_stage
 
 
-def main(ctx: Context) -> None:
-    summary = prepare_manifests(ctx.params.data, MANIFESTS, ctx.class_names)
+def main(ctx: Context) -> dict:
+    summary = ctx.step("validate", prepare_manifests, ctx.params.data, MANIFESTS, ctx.class_names)
     write_json("metrics/prepare.json", summary)
-    print(f"[prepare] {summary}", flush=True)
+    return summary
 
 
 if __name__ == "__main__":

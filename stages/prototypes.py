@@ -11,15 +11,16 @@ STORE = Path("pseudo/warmup.zarr")
 OUT = Path("models/prototypes.pt")
 
 
-def main(ctx: Context) -> None:
+def main(ctx: Context) -> dict | None:
     if not ctx.info.is_main:
-        return
+        return None
     p = ctx.params.prototypes
-    bank = init_prototypes(ctx, load_model(MODEL, ctx), STORE, p.min_pixels, p.batch_size)
+    bank = ctx.step("init", init_prototypes, ctx, load_model(MODEL, ctx), STORE, p.min_pixels, p.batch_size)
     bank.save(OUT, ctx.class_names)
     empty = [n for n, ok in zip(ctx.class_names, bank.initialized.tolist()) if not ok]
-    write_json("metrics/prototypes.json", {"initialized": int(bank.initialized.sum()), "empty_classes": empty})
-    print(f"[prototypes] {int(bank.initialized.sum())}/{ctx.num_classes} classes; empty: {empty}", flush=True)
+    summary = {"initialized": int(bank.initialized.sum()), "empty_classes": empty}
+    write_json("metrics/prototypes.json", summary)
+    return summary
 
 
 if __name__ == "__main__":

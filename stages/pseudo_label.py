@@ -10,15 +10,26 @@ MODEL = Path("models/warmup/last.pt")
 STORE = Path("pseudo/warmup.zarr")
 
 
-def main(ctx: Context) -> None:
+def main(ctx: Context) -> dict | None:
     p = ctx.params.pseudo_label
     if not ctx.info.is_main:
-        return
+        return None
     model = load_model(MODEL, ctx)
-    timing = write_pseudo_labels(
-        ctx, model, MODEL, STORE, batch_size=p.batch_size, flip=False, store_soft=True, soft_dtype=p.soft_dtype
+    timing = ctx.step(
+        "predict",
+        write_pseudo_labels,
+        ctx,
+        model,
+        MODEL,
+        STORE,
+        batch_size=p.batch_size,
+        flip=False,
+        store_soft=True,
+        soft_dtype=p.soft_dtype,
     )
-    q = store_quality(
+    q = ctx.step(
+        "quality",
+        store_quality,
         ctx,
         STORE,
         p.quality_threshold,
@@ -26,7 +37,7 @@ def main(ctx: Context) -> None:
         Path("plots/pseudo_label/per_class.csv"),
         extra={"throughput": timing},
     )
-    print(f"[pseudo_label] {timing} quality mIoU {q and q['miou']}", flush=True)
+    return {"throughput": timing, "quality": q and {k: q[k] for k in ("coverage", "pixel_acc", "miou")}}
 
 
 if __name__ == "__main__":

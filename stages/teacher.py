@@ -12,9 +12,9 @@ from pipeline.runtime import Context, load_model
 from pipeline.stage import run_stage
 
 
-def main(ctx: Context, r: int) -> None:
+def main(ctx: Context, r: int) -> dict | None:
     if not ctx.info.is_main:
-        return
+        return None
     rounds = ctx.params.distill.rounds
     if r not in rounds:
         raise ValueError(f"round {r} is not in distill.rounds {sorted(rounds)}")
@@ -22,7 +22,9 @@ def main(ctx: Context, r: int) -> None:
     model_path = Path(rounds[r].teacher) / "last.pt"
     store = Path(f"pseudo/teacher_{r}.zarr")
     model = load_model(model_path, ctx)
-    timing = write_pseudo_labels(
+    timing = ctx.step(
+        "predict",
+        write_pseudo_labels,
         ctx,
         model,
         model_path,
@@ -32,10 +34,16 @@ def main(ctx: Context, r: int) -> None:
         store_soft=p.store_soft,
         soft_dtype=p.soft_dtype,
     )
-    q = store_quality(
-        ctx, store, p.conf_threshold, Path(f"metrics/teacher_{r}.json"), Path(f"plots/teacher_{r}/per_class.csv")
+    q = ctx.step(
+        "quality",
+        store_quality,
+        ctx,
+        store,
+        p.conf_threshold,
+        Path(f"metrics/teacher_{r}.json"),
+        Path(f"plots/teacher_{r}/per_class.csv"),
     )
-    print(f"[teacher@{r}] {timing} quality {q and {k: q[k] for k in ('coverage', 'pixel_acc', 'miou')}}", flush=True)
+    return {"throughput": timing, "quality": q and {k: q[k] for k in ("coverage", "pixel_acc", "miou")}}
 
 
 if __name__ == "__main__":
