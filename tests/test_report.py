@@ -224,17 +224,22 @@ def test_best_checkpoint_only_in_markdown(run):
     )
 
 
+def _rows(path: Path, reader=csv.DictReader) -> list:
+    with path.open() as fh:
+        return list(reader(fh))
+
+
 def test_csvs(run):
     root = run[0]
-    rows = list(csv.DictReader((root / "plots/evaluate/miou_by_stage.csv").open()))
+    rows = _rows(root / "plots/evaluate/miou_by_stage.csv")
     assert [r["stage"] for r in rows] == list(PREDICTS) and list(rows[0]) == ["stage", "miou"]
     assert float(rows[-1]["miou"]) == pytest.approx(constant_miou(ROAD), abs=1e-4)
-    per_class = list(csv.DictReader((root / "plots/evaluate/per_class.csv").open()))
+    per_class = _rows(root / "plots/evaluate/per_class.csv")
     assert list(per_class[0]) == ["class", *PREDICTS] and [r["class"] for r in per_class] == NAMES
     road = per_class[ROAD]
     assert float(road["oracle"]) == pytest.approx(100 * 960 / VALID, abs=1e-4) and float(road["warmup"]) == 0.0
     assert per_class[NAMES.index("train")]["oracle"] == ""  # absent and never predicted: undefined
-    counts = list(csv.reader((root / "reports/confusion_counts.csv").open()))
+    counts = _rows(root / "reports/confusion_counts.csv", csv.reader)
     assert counts[0][1:] == [*NAMES, "outside"] and len(counts) == 1 + len(NAMES)
     # The final model (distill_2) predicts building everywhere.
     assert sum(int(r[1 + BUILDING]) for r in counts[1:]) == N_VAL * VALID

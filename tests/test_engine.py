@@ -1,0 +1,314 @@
+"""The training engine (pipeline.engine) through the real warm-up stage: exact resume after SIGKILL, stale
+resume state, 2-process gloo DDP under torchrun, plus unit tests of the sampler and the resumable stream.
+
+The process tests run ``python -m stages.warmup`` (as dvc.yaml does) in copies of one workspace whose
+``generate`` and ``prepare`` stages ran once for the module. Most of the time is process start-up (torch and
+torchvision imports), so the number of processes is kept small and fixtures share runs between tests.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import stage, tiny_params, workspace, write_params
+
+from pipeline.datasets import index_seed
+from pipeline.distributed import DistInfo
+from pipeline.engine import EpochBatchSampler, Stream
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ITERS = 40  # long enough that the kill lands well before the end; a step is ~50 ms on one CPU core
+# Default model (dropout and trainable BatchNorm on): resume must restore RNG, BN buffers, momentum, data position.
+RESUME = tiny_params(**{"warmup.optim.iters": ITERS, "warmup.optim.ckpt_every": 2})
+# DDP equivalence: per-rank BN statistics and per-rank dropout masks differ from one process by design.
+EQUIV = tiny_params(
+    **{"warmup.optim.iters": 8, "warmup.optim.ckpt_every": 2, "model.freeze_bn": True, "model.dropout": 0.0}
+)
+STATE = Path(".resume/warmup/state.pt")
+LAST = Path("models/warmup/last.pt")
+OUTPUTS = ("models", "metrics", "plots", ".resume")
+
+
+# -------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def data_ws(tmp_path_factory) -> Path:
+    """A workspace with data/embedded and data/manifests written by the real generate + prepare stages."""
+    root = workspace(tmp_path_factory.mktemp("engine") / "data", tiny_params())
+    stage("generate", root, env=ENV)
+    stage("prepare", root, env=ENV)
+    return root
+
+
+def clone(data_ws: Path, dest: Path, params: dict) -> Path:
+    """A copy of the data workspace (code, data, manifests) with its own params and no outputs."""
+    shutil.copytree(data_ws, dest, ignore=shutil.ignore_patterns(*OUTPUTS, "__pycache__"))
+    write_params(dest, params)
+    return dest
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return torch.load(root / LAST, map_location="cpu", weights_only=True)["model"]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in a)
+
+
+def state_iteration(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["iteration"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return None  # not written yet (the save is atomic, so a present file is complete)
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", *args]
+
+
+def descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (torchrun starts its workers in new sessions, so killpg would miss them)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_when_saved(cmd: list[str], root: Path, min_iteration: int, iters: int, timeout: float = 120) -> int:
+    """Starts `cmd` in `root`, SIGKILLs it (and every process it started) once its resume state records
+    `min_iteration` or later; returns the iteration of the state left on disk."""
+    log = (root.parent / f"{root.name}.killed.log").open("w")  # a file, not a pipe nobody drains
+    proc = subprocess.Popen(cmd, cwd=root, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            it = state_iteration(root / STATE) if (root / STATE).is_file() else None
+            if it is not None and it >= min_iteration:
+                break
+            if proc.poll() is not None:
+                log.close()
+                out = Path(log.name).read_text()[-3000:]
+                pytest.fail(f"{cmd} ended (rc {proc.returncode}) before it could be killed:\n{out}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no resume state at iteration >= {min_iteration} after {timeout} s")
+            time.sleep(0.01)
+        victims = [proc.pid, *descendants(proc.pid)]
+        for pid in victims:  # the launcher first, so it cannot react to its workers dying
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+        for pid in victims[1:]:  # reaped by init once orphaned; wait until they are really gone
+            while Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid):
+                time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL
+    final = state_iteration(root / STATE)
+    assert final is not None and min_iteration <= final < iters
+    return final
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def run_ok(cmd: list[str], root: Path) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=root, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, f"{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def train_rows(root: Path) -> list[dict[str, str]]:
+    with (root / "plots/warmup/train.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------------- resume in one process
+@pytest.fixture(scope="module")
+def uninterrupted(data_ws, tmp_path_factory) -> Path:
+    root = clone(data_ws, tmp_path_factory.mktemp("engine") / "A", RESUME)
+    stage("warmup", root, env=ENV)
+    return root
+
+
+@pytest.fixture(scope="module")
+def killed(data_ws, tmp_path_factory) -> tuple[Path, int, Path]:
+    """A run SIGKILLed after its resume state reached iteration >= 4: (workspace, state iteration, state copy)."""
+    base = tmp_path_factory.mktemp("engine")
+    root = clone(data_ws, base / "B", RESUME)
+    it = kill_when_saved([sys.executable, "-m", "stages.warmup"], root, 4, ITERS)
+    saved = base / "killed_state.pt"
+    shutil.copy(root / STATE, saved)
+    return root, it, saved
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, killed):
+    root, it, _ = killed
+    assert not (root / LAST).exists(), "a killed run must not leave final model files"
+    res = stage("warmup", root, env=ENV)
+    assert f"resuming from iteration {it}" in res.stdout, res.stdout
+    assert not (root / STATE.parent).exists(), "a finished run removes its resume state"
+    a, b = weights(uninterrupted), weights(root)
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, (
+        f"resumed weights differ from the uninterrupted run (max |diff| {max_abs_diff(a, b):.3g}): {bad[:5]}"
+    )
+    # The curve of the resumed run is the uninterrupted one: steps 1..ITERS once each, same losses.
+    rows_a, rows_b = train_rows(uninterrupted), train_rows(root)
+    assert [int(r["step"]) for r in rows_b] == list(range(1, ITERS + 1))
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows_a]
+
+
+def test_resume_state_for_other_params_is_ignored(data_ws, uninterrupted, killed, tmp_path):
+    _, it, saved = killed
+    root = clone(
+        data_ws,
+        tmp_path / "C",
+        tiny_params(**{"warmup.optim.iters": ITERS, "warmup.optim.ckpt_every": 2, "warmup.optim.lr": 0.02}),
+    )
+    (root / STATE).parent.mkdir(parents=True)
+    shutil.copy(saved, root / STATE)  # written at iteration `it` for lr 0.01
+    res = stage("warmup", root, env=ENV)
+    assert "ignoring resume state for other inputs" in res.stdout, res.stdout
+    assert "resuming" not in res.stdout
+    # Started from iteration 0 with a fresh model: every step is logged by this run, and the first loss
+    # (computed before any update, so independent of lr) is the uninterrupted run's first loss.
+    rows = train_rows(root)
+    assert [int(r["step"]) for r in rows] == list(range(1, ITERS + 1))
+    assert rows[0]["loss"] == train_rows(uninterrupted)[0]["loss"]
+    assert rows[1]["loss"] != train_rows(uninterrupted)[1]["loss"]  # the lr did change the run
+    assert (root / LAST).is_file() and not (root / STATE.parent).exists()
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+def test_ddp_two_processes_match_one_process_and_only_rank0_writes(data_ws, tmp_path):
+    single = clone(data_ws, tmp_path / "single", EQUIV)
+    stage("warmup", single, env=ENV)
+    # Each rank runs in its own copy of the workspace, so a write by rank 1 would show up in r1/.
+    r0, r1 = clone(data_ws, tmp_path / "r0", EQUIV), clone(data_ws, tmp_path / "r1", EQUIV)
+    res = run_ok(
+        torchrun(
+            "--no-python", "bash", "-c", f'cd "{tmp_path}/r$LOCAL_RANK" && exec "{sys.executable}" -m stages.warmup'
+        ),
+        r0,
+    )
+    assert "resuming" not in res.stdout + res.stderr
+    for name in OUTPUTS:
+        assert not (r1 / name).exists(), f"rank 1 wrote {name}/"
+    assert (r0 / LAST).is_file() and (r0 / "models/warmup/best.pt").is_file()
+    assert (r0 / "metrics/warmup.json").is_file() and (r0 / "plots/warmup/train.csv").is_file()
+    assert not (r0 / STATE.parent).exists()
+    diff = max_abs_diff(weights(single), weights(r0))
+    print(f"DDP (2 x 1 image) vs one process (batch 2), 8 iterations: max |weight diff| = {diff:.3g}")
+    # Not bit-identical: the CE is averaged over each rank's valid pixels and DDP averages the ranks, while
+    # one process averages over all valid pixels (crops padded with ignore pixels differ in valid counts).
+    assert diff < 1e-3
+
+
+def test_ddp_with_trainable_bn_resumes_after_sigkill(data_ws, tmp_path):
+    """DDP with BatchNorm in training mode runs; its resume state (per-rank RNG) is loaded by a DDP rerun."""
+    iters = 16
+    params = tiny_params(**{"warmup.optim.iters": iters, "warmup.optim.ckpt_every": 2})
+    root = clone(data_ws, tmp_path / "ddp", params)
+    cmd = torchrun("-m", "stages.warmup")
+    it = kill_when_saved(cmd, root, 2, iters)
+    st = torch.load(root / STATE, map_location="cpu", weights_only=True)
+    assert st["world_size"] == 2 and isinstance(st["rng"], list) and len(st["rng"]) == 2
+    assert not (root / LAST).exists()
+    res = run_ok(cmd, root)
+    assert f"resuming from iteration {it}" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert (root / LAST).is_file() and not (root / STATE.parent).exists()
+    assert [int(r["step"]) for r in train_rows(root)] == list(range(1, iters + 1))
+
+
+# ----------------------------------------------------------------------------------------------- units
+def _batches(n, gb, seed, epoch, start=0, rank=0, world=1) -> list[list[tuple[int, int]]]:
+    return list(EpochBatchSampler(n, gb, seed, epoch, start, rank, world))
+
+
+def test_epoch_batch_sampler_slices_global_batches_across_ranks():
+    n, gb, seed = 11, 4, 3
+    for epoch in (0, 1):
+        full = _batches(n, gb, seed, epoch)
+        assert len(full) == n // gb == len(EpochBatchSampler(n, gb, seed, epoch, 0, 0, 1))
+        assert all(len(b) == gb for b in full)
+        idx = [i for b in full for i, _ in b]
+        assert len(set(idx)) == len(idx) and set(idx) <= set(range(n))
+        assert all(s == index_seed(seed, i, epoch) for b in full for i, s in b)
+        r0, r1 = _batches(n, gb, seed, epoch, rank=0, world=2), _batches(n, gb, seed, epoch, rank=1, world=2)
+        assert [a + b for a, b in zip(r0, r1, strict=True)] == full
+        assert all(len(b) == gb // 2 for b in r0 + r1)
+        # `start` skips whole global batches, on every rank.
+        assert _batches(n, gb, seed, epoch, start=1) == full[1:]
+        assert _batches(n, gb, seed, epoch, start=1, rank=1, world=2) == r1[1:]
+        assert len(EpochBatchSampler(n, gb, seed, epoch, 1, 0, 2)) == n // gb - 1
+    e0, e1 = _batches(n, gb, seed, 0), _batches(n, gb, seed, 1)
+    assert [i for b in e0 for i, _ in b] != [i for b in e1 for i, _ in b]  # a new permutation each epoch
+    seeds0 = {i: s for b in e0 for i, s in b}
+    seeds1 = {i: s for b in e1 for i, s in b}
+    assert all(seeds0[i] != seeds1[i] for i in seeds0.keys() & seeds1.keys())  # new augmentations too
+    assert _batches(n, gb, seed, 0) == e0 and _batches(n, gb, seed + 1, 0) != e0
+    with pytest.raises(ValueError, match="not divisible"):
+        EpochBatchSampler(n, 3, seed, 0, 0, 0, 2)
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        EpochBatchSampler(3, 4, seed, 0, 0, 0, 1)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset whose sample is its own key, so a batch shows which (index, seed) keys it came from."""
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        i, s = key
+        return {"image": torch.tensor([i]), "seed": s}
+
+
+def test_stream_resumes_at_its_position_and_leaves_global_rng_alone():
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    ref = Stream(_Indexed(), 2, 5, info)
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    batches, states = [], []
+    for _ in range(8):  # 3 batches an epoch: crosses two epoch boundaries
+        states.append(ref.state_dict())
+        batches.append(ref.next())
+    # Opening a DataLoader iterator (each epoch, and again on resume) must not draw from the global RNG,
+    # or a resumed run would see different dropout masks than an uninterrupted one.
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    positions = [(s["epoch"], s["batch"]) for s in states]
+    assert positions == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1)]
+    for k in (1, 3, 4, 6):
+        resumed = Stream(_Indexed(), 2, 5, info)
+        resumed.load_state_dict(states[k])
+        for want in batches[k:]:
+            got = resumed.next()
+            assert torch.equal(got["image"], want["image"]) and got["seed"] == want["seed"]

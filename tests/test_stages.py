@@ -1,0 +1,102 @@
+"""Stage contracts and bad-input errors, running the real stage modules on tiny generated data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.prototypes import PrototypeBank
+from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter
+from tests.tiny import stage, tiny_params, workspace, write_params
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """generate -> prepare -> warmup -> pseudo_label -> prototypes, once for the module."""
+    root = workspace(tmp_path_factory.mktemp("stages") / "ws")
+    for name in ("generate", "prepare", "warmup", "pseudo_label", "prototypes"):
+        stage(name, root)
+    return root
+
+
+@pytest.fixture
+def ws(base: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ws"
+    shutil.copytree(base, dst, symlinks=True)
+    return dst
+
+
+def test_generated_data_is_in_the_real_layouts(base: Path) -> None:
+    assert len(list((base / "data/embedded/source/images").glob("*.png"))) == 6
+    assert list((base / "data/embedded/target/gtFine/val").glob("*/*_gtFine_labelIds.png"))
+    manifest = json.loads((base / "data/manifests/source.json").read_text())
+    assert manifest["kind"] == "gta5" and manifest["num_images"] == 6 and sum(manifest["class_pixels"].values()) > 0
+
+
+def test_warmup_outputs_and_curves(base: Path) -> None:
+    meta = torch.load(base / "models/warmup/last.pt", weights_only=True)["meta"]
+    assert meta["kind"] == "last" and len(meta["class_names"]) == 19
+    assert "optimistic" in torch.load(base / "models/warmup/best.pt", weights_only=True)["meta"]["note"]
+    metrics = json.loads((base / "metrics/warmup.json").read_text())
+    assert 0 <= metrics["miou"] <= 100 and metrics["iters"] == 4
+    rows = list(csv.DictReader((base / "plots/warmup/train.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and float(rows[0]["ce"]) > 0
+
+
+def test_pseudo_labels_and_prototypes_contract(base: Path) -> None:
+    store = PseudoLabelStore(base / "pseudo/warmup.zarr")
+    manifest = json.loads((base / "data/manifests/target_train.json").read_text())
+    assert store.ids == [f["id"] for f in manifest["files"]] and store.has_soft
+    assert (store.height, store.width) == (4, 8)  # 32x64 images at output stride 8
+    quality = json.loads((base / "metrics/pseudo_label.json").read_text())
+    assert quality["coverage"] == 100.0 and "miou" in quality and quality["throughput"]["images"] == 6
+    bank = PrototypeBank.from_file(base / "models/prototypes.pt", num_classes=19)
+    assert bank.protos.shape == (19, 16)
+    # Classes never predicted stay marked empty, not silent zero vectors that look like prototypes.
+    empty = ~bank.initialized
+    assert empty.any() and torch.all(bank.protos[empty] == 0)
+
+
+def test_adversarial_warmup_runs(ws: Path) -> None:
+    write_params(ws, tiny_params(**{"warmup.adversarial.enabled": True, "warmup.optim.iters": 2}))
+    stage("warmup", ws)
+    header = (ws / "plots/warmup/train.csv").read_text().splitlines()[0]
+    assert "adv_g" in header and "adv_d" in header
+
+
+def test_missing_checkpoint_names_the_file(ws: Path) -> None:
+    shutil.rmtree(ws / "models/warmup")
+    res = stage("pseudo_label", ws, check=False)
+    assert res.returncode == 1
+    assert "checkpoint not found: models/warmup/last.pt" in res.stderr
+
+
+def test_store_from_another_dataset_names_the_store(ws: Path) -> None:
+    # A store made for another dataset: same shape and classes, other image ids.
+    ids = [f"elsewhere/elsewhere_{i:06d}_000019" for i in range(6)]
+    names = PseudoLabelStore(ws / "pseudo/warmup.zarr").class_names
+    shutil.rmtree(ws / "pseudo/warmup.zarr")
+    with PseudoLabelWriter(ws / "pseudo/warmup.zarr", ids, names, 4, 8, "0" * 64) as w:
+        w.write_batch(0, torch.softmax(torch.randn(6, 19, 4, 8), 1))
+    res = stage("prototypes", ws, check=False)
+    assert res.returncode == 1
+    assert "pseudo/warmup.zarr" in res.stderr and "lacks" in res.stderr
+
+
+def test_prototypes_with_wrong_class_count_names_the_file(ws: Path) -> None:
+    bank = PrototypeBank(16, 16)
+    bank.save(ws / "models/prototypes.pt", [f"c{i}" for i in range(16)])
+    res = stage("adapt", ws, check=False)
+    assert res.returncode == 1
+    assert "models/prototypes.pt" in res.stderr and "16 classes" in res.stderr
+
+
+def test_bad_params_name_the_key(ws: Path) -> None:
+    write_params(ws, tiny_params(**{"adapt.tau": -1}))
+    res = stage("adapt", ws, check=False)
+    assert res.returncode == 1 and "adapt.tau" in res.stderr
