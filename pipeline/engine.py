@@ -153,9 +153,7 @@ def apply_poly(opt: torch.optim.Optimizer, it: int, max_iters: int, power: float
 
 # ------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def predict_logits(
-    model: nn.Module, images: torch.Tensor, out_size: tuple[int, int] | None = None
-) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Class logits of uint8 or [0,1] images, upsampled bilinearly to out_size (default: the input size)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images
     logits = model(x)[0]
@@ -163,9 +161,7 @@ def predict_logits(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_size: int = 4
-) -> ConfusionMatrix:
+def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_size: int = 4) -> ConfusionMatrix:
     """Confusion matrix over the whole split at label resolution; shards across DDP ranks, then reduces."""
     model = unwrap(model)
     was_training = model.training
@@ -178,9 +174,7 @@ def evaluate(
         with _autocast(info.device, True):
             logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
         cm.update(logits.argmax(1).cpu(), batch["label"])
-    counts = all_reduce_sum(
-        torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu")
-    )
+    counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
     cm.counts = counts.cpu().numpy()
     model.train(was_training)
     return cm
@@ -188,9 +182,7 @@ def evaluate(
 
 def _autocast(device: torch.device, enabled: bool):
     # bf16 needs no loss scaling, so no GradScaler state exists to checkpoint.
-    return torch.autocast(
-        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
-    )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------------------------ task
@@ -215,6 +207,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    last_losses: dict = field(default_factory=dict)
 
 
 class CurveWriter:
@@ -277,9 +270,7 @@ def fit(
                 print(f"[{name}] resuming from iteration {start} ({state_path})", flush=True)
         elif info.is_main:
             print(f"[{name}] ignoring resume state for other inputs: {state_path}", flush=True)
-    curves = (
-        CurveWriter(curves_dir / "train.csv", [*loss_names, "loss", "lr"], start) if info.is_main else None
-    )
+    curves = CurveWriter(curves_dir / "train.csv", [*loss_names, "loss", "lr"], start) if info.is_main else None
     evals = CurveWriter(curves_dir / "eval.csv", ["miou"], start) if info.is_main else None
 
     modules = task.modules()
@@ -288,10 +279,11 @@ def fit(
     model = modules["model"]
     bar = tqdm(total=p.iters, initial=start, desc=name, disable=not info.is_main, dynamic_ncols=True)
     img_count, t_last = 0, time.time()
+    logs_sum: dict[str, float] = {}
     for it in range(start, p.iters):
         for o in task.optimizers().values():
             apply_poly(o, it, p.iters, p.poly_power)
-        logs_sum: dict[str, float] = {}
+        logs_sum = {}
         for _ in range(p.accum_steps):
             batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
             with _autocast(info.device, p.amp):
@@ -312,9 +304,7 @@ def fit(
             bar.update(1)
             if step % p.log_every == 0 or step == p.iters:
                 dt = max(time.time() - t_last, 1e-9)
-                bar.set_postfix(
-                    {k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"}
-                )
+                bar.set_postfix({k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"})
                 img_count, t_last = 0, time.time()
                 curves.write(step, {**logs_sum, "lr": first_lr})
         if evaluator is not None and p.eval_every and step % p.eval_every == 0 and step < p.iters:
@@ -340,7 +330,9 @@ def fit(
     barrier()
     if info.is_main and resume_dir.exists():
         shutil.rmtree(resume_dir)  # finished: resume state would only be stale from now on
-    return FitResult(final, best_metrics, history, time.time() - t0, start)
+    return FitResult(
+        final, best_metrics, history, time.time() - t0, start, {k: round(v, 6) for k, v in logs_sum.items()}
+    )
 
 
 def _save_state(task, streams, info, path, fingerprint, step, best, history) -> None:

@@ -94,8 +94,8 @@ class SynthStyle:
         leafy noise on vegetation, clouds in the sky), as a relative brightness modulation; 0 = flat.
     noise_std: std of additive Gaussian sensor noise per pixel and channel.
     blur_sigma: Gaussian optical blur, in output pixels (applied before the sensor noise).
-    palette_shift: std of a fixed per-class RGB offset added to every colour of that class (drawn once
-        per domain from ``palette_seed``); the main colour gap between domains.
+    palette_shift: length (RGB distance) of a fixed per-class colour offset added to every colour of that
+        class, in a random direction drawn once per domain from ``palette_seed``; the main colour gap.
     palette_seed: seed of that per-class offset table (kept apart from the scene seed so the gap stays
         the same when only the scenes are re-drawn).
     saturation: colour saturation factor (1 = palette as is, >1 more saturated, <1 washed out).
@@ -202,7 +202,7 @@ def target_style() -> SynthStyle:
         texture_strength=0.25,
         noise_std=7.0,
         blur_sigma=0.7,
-        palette_shift=38.0,
+        palette_shift=50.0,
         palette_seed=1,
         saturation=0.6,
         brightness=0.92,
@@ -302,7 +302,7 @@ PALETTE: dict[str, list[RGB]] = {
     "vegetation": [(56, 138, 38), (84, 150, 34), (40, 110, 50)],
     "trunk": [(96, 70, 44)],
     "terrain": [(150, 176, 70), (170, 160, 90), (120, 160, 60)],
-    "sky": [(96, 160, 236), (120, 176, 240), (80, 140, 220)],
+    "sky": [(96, 160, 236), (120, 176, 240), (80, 140, 220), (168, 188, 212)],  # last: overcast
     "person": [(200, 40, 40), (40, 60, 160), (30, 30, 34), (220, 200, 60), (60, 140, 80), (230, 230, 230)],
     "skin": [(232, 190, 150), (190, 140, 100), (120, 84, 60)],
     "trousers": [(40, 44, 70), (30, 30, 30), (110, 100, 80), (70, 80, 110)],
@@ -324,6 +324,8 @@ def _domain_offsets(style: SynthStyle) -> dict[str, np.ndarray]:
     """Fixed per-class colour offsets of a domain (the palette gap)."""
     rng = np.random.default_rng(np.random.SeedSequence([style.palette_seed, 7919]))
     table = rng.normal(0.0, 1.0, size=(len(PALETTE_KEYS), 3))
+    # Unit directions: every class moves by exactly palette_shift, so no class is left unchanged by luck.
+    table /= np.linalg.norm(table, axis=1, keepdims=True)
     return {k: style.palette_shift * table[i] for i, k in enumerate(PALETTE_KEYS)}
 
 

@@ -124,6 +124,7 @@ def run_training(
         "iters": optim.iters,
         "train_seconds": round(res.seconds, 2),
         "resumed_from": res.resumed_from,
+        "final_losses": res.last_losses,
     }
     if ctx.info.is_main:
         write_json(metrics_path, metrics)

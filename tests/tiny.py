@@ -43,7 +43,8 @@ TINY: dict[str, Any] = {
     "adapt": {"optim": _optim(3, lr=0.002), "view": VIEW, "ema_momentum": 0.9, "proto_momentum": 0.9,
               "min_pixels": 1},
     "teacher": {"batch_size": 4},
-    "distill": {"rounds": {"1": {"teacher": "models/adapt"}}, "optim": _optim(2), "view": VIEW},
+    "distill": {"rounds": {"1": {"teacher": "models/adapt"}}, "optim": _optim(2), "view": VIEW, "conf_threshold": 0.95,
+                "kd_beta": 1.0, "student_init": "scratch"},
     "evaluate": {"batch_size": 4, "n_overlays": 2},
 }
 
