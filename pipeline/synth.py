@@ -199,16 +199,16 @@ def source_style() -> SynthStyle:
 def target_style() -> SynthStyle:
     """Default target look: a car-mounted camera in real streets."""
     return SynthStyle(
-        texture_strength=0.25,
-        noise_std=7.0,
+        texture_strength=0.3,
+        noise_std=8.0,
         blur_sigma=0.7,
         palette_shift=50.0,
         palette_seed=1,
-        saturation=0.6,
+        saturation=0.7,
         brightness=0.92,
         brightness_jitter=0.12,
-        gamma=1.15,
-        colour_cast=(1.06, 1.0, 0.86),
+        gamma=1.1,
+        colour_cast=(1.04, 1.0, 0.92),
         shadow_strength=0.35,
         horizon=0.47,
         camera_height=1.3,

@@ -1,0 +1,226 @@
+"""Cost of the adaptation step: seconds and peak memory per iteration of ProDA stage 1 (`ProDATask`) vs a plain
+supervised step (`SupervisedTask`, CE) of the same model, optimizer settings and source batch.
+
+One batch of the right structure is built once by the real view code (`WeakTransform`, `TargetViews`) from random
+images of the configured sizes, with random soft pseudo labels and initialised prototypes; each iteration is what
+the training loop does: loss under autocast, backward, optimizer step, `after_step` (EMA and prototype updates).
+Data loading and augmentation are not timed. Seconds = median of --iters steps after --warmup steps.
+
+Each (config, task, AMP) runs in a fresh subprocess so peaks do not mix:
+* CUDA: `torch.cuda.max_memory_allocated` over all steps (absolute: weights, optimizer state, activations);
+  goal: the paper's stage-1 batch fits in 24 GiB.
+* CPU: resident memory from /proc/self/status, with glibc told to return large blocks to the system at once
+  (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors. `peak_extra_mb` = peak RSS during the steps (VmHWM,
+  reset before the first step) - RSS after building model, task and batch; `peak_rss_mb` is the whole process.
+  AMP (bf16 autocast) is a GPU-only setting in this pipeline, so CPU rows are AMP off.
+
+Configs: `default` = params.yaml (model, adapt crop and batch, embedded image size); `paper` = params/
+gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896, batch 4, target images
+1100x2200 for the EMA's full view), run by default only on a GPU; `tiny` = tests/tiny.py (--tiny).
+
+    python bench/bench_adapt_cost.py [--configs default paper] [--device auto] [--iters 10] [--warmup 2]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from common import REPO, bench_params, parser, table, write_result
+
+GIB = 1024**3
+BUDGET_GIB = 24  # the goal: a 24 GB card (RTX 3090/4090 class)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def load_config(name: str):
+    from pipeline.config import parse_params
+
+    if name == "paper":
+        raw = yaml.safe_load((REPO / "params" / "gta5_cityscapes.yaml").read_text())
+        raw["model"]["pretrained"] = None  # random init: same cost, no weight file needed
+    else:
+        raw = bench_params(name == "tiny")
+    return parse_params(raw)
+
+
+def make_batch(params, device: torch.device, gen: torch.Generator) -> tuple[dict, dict]:
+    """A source batch and a target batch as the adapt stage's streams deliver them, from random images."""
+    from pipeline.adapt import TargetViews
+    from pipeline.engine import collate, to_device
+    from pipeline.training import WeakTransform
+
+    p, k = params.adapt, params.data.num_classes
+    bs, stride = p.optim.batch_size, params.model.output_stride
+    src_size, tgt_size = params.data.image_size("source"), params.data.image_size("target")
+    weak, views = WeakTransform(p.view), TargetViews(p.view, p.strong, None)
+
+    def image(size: tuple[int, int]) -> torch.Tensor:
+        return torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=gen)
+
+    src, tgt = [], []
+    for i in range(bs):
+        label = torch.randint(0, k, src_size, generator=gen)
+        src.append(weak({"index": i, "image": image(src_size), "label": label}, gen))
+        t = views({"index": i, "id": str(i), "image": image(tgt_size)}, gen)
+        # Soft labels as stored: softmax at the network's stride of the full image.
+        h, w = -(-tgt_size[0] // stride), -(-tgt_size[1] // stride)
+        t["soft"] = torch.randn(k, h, w, generator=gen).mul(3).softmax(0).half()
+        tgt.append(t)
+    return to_device(collate(src), device), to_device(collate(tgt), device)
+
+
+def rss_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times `spec['task']` on `spec['config']`; runs in its own process."""
+    from pipeline.adapt import ProDATask
+    from pipeline.distributed import DistInfo
+    from pipeline.engine import _autocast
+    from pipeline.labels import class_names
+    from pipeline.prototypes import PrototypeBank
+    from pipeline.runtime import Context, new_model
+    from pipeline.supervised import SupervisedTask
+
+    torch.manual_seed(0)
+    params = load_config(spec["config"])
+    device = torch.device(spec["device"])
+    k = params.data.num_classes
+    model = new_model(params.model, k).to(device).train()
+    src, tgt = make_batch(params, device, torch.Generator().manual_seed(0))
+    if spec["task"] == "proda":
+        ctx = Context("adapt", params, DistInfo(0, 1, 0, device), class_names(k))
+        bank = PrototypeBank(k, params.model.feat_dim)
+        bank.protos.copy_(torch.randn(k, params.model.feat_dim))
+        bank.initialized.fill_(True)
+        task: Any = ProDATask(ctx, model, bank, params.adapt)
+        batch = {"source": src, "target": tgt}
+    else:
+        task = SupervisedTask(model, model, params.adapt.optim, k)
+        batch = {"labeled": src}
+    amp = spec["amp"]
+
+    def step() -> None:
+        with _autocast(device, amp):
+            loss, _ = task.loss(batch, 0)
+        loss.backward()
+        for o in task.optimizers().values():
+            o.step()
+            o.zero_grad(set_to_none=True)
+        task.after_step(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = rss_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS, to the current RSS
+    times = []
+    try:
+        for i in range(spec["warmup"] + spec["iters"]):
+            t0 = time.perf_counter()
+            step()
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError:
+        return {**spec, "oom": True}
+    times.sort()
+    out = {**spec, "oom": False, "s_per_iter": times[len(times) // 2], "s_per_iter_all": times}
+    out["images_per_iter"] = {name: b["image"].shape[0] for name, b in batch.items()}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        out.update(peak_allocated_mb=peak / 2**20, peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
+    else:
+        peak = rss_kb("VmHWM") * 1024
+        out["peak_rss_mb"] = peak / 2**20
+    out.update(baseline_mb=base / 2**20, peak_extra_mb=(peak - base) / 2**20)
+    return out
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    # Large blocks straight from/to the OS, so RSS tracks live tensors instead of glibc's free lists.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"worker {spec} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print("RESULT " + json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+        return
+    ap = parser(__doc__, "adapt_cost")
+    ap.add_argument("--configs", nargs="+", choices=["default", "paper"], help="default: default (+ paper on GPU)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    args = ap.parse_args()
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = "cuda" if cuda else "cpu"
+    configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if cuda else ["default"])
+    amps = [True, False] if cuda else [False]
+    rows = []
+    for config in configs:
+        for amp in amps:
+            pair = {}
+            for task in ("supervised", "proda"):
+                spec = {"config": config, "task": task, "amp": amp, "device": device, "iters": args.iters,
+                        "warmup": args.warmup}
+                print(f"running {spec}", flush=True)
+                pair[task] = run_worker(spec)
+            pair["proda"]["time_ratio_vs_supervised"] = (
+                None if pair["proda"]["oom"] or pair["supervised"]["oom"]
+                else pair["proda"]["s_per_iter"] / pair["supervised"]["s_per_iter"]
+            )
+            rows += [pair["supervised"], pair["proda"]]
+
+    mem = "peak_allocated_mb" if cuda else "peak_rss_mb"
+    print(f"per training iteration on {device} (median of {args.iters}); memory in MiB")
+    print(
+        table(
+            ["config", "task", "AMP", "s/iter", "x supervised", mem, "peak extra"],
+            [
+                [r["config"], r["task"], "on" if r["amp"] else "off"]
+                + (["OOM", "", "", ""] if r["oom"] else [
+                    f"{r['s_per_iter']:.3f}",
+                    f"{r['time_ratio_vs_supervised']:.2f}" if r.get("time_ratio_vs_supervised") else "",
+                    f"{r[mem]:.0f}",
+                    f"{r['peak_extra_mb']:.0f}",
+                ])
+                for r in rows
+            ],
+        )
+    )
+    goal = None
+    paper = [r for r in rows if r["config"] == "paper" and r["task"] == "proda" and r["device"] == "cuda"]
+    if paper:
+        goal = {("amp" if r["amp"] else "fp32"): (not r["oom"] and r["peak_allocated_mb"] < BUDGET_GIB * 1024)
+                for r in paper}
+        print(f"paper stage-1 batch within {BUDGET_GIB} GiB (max_memory_allocated): {goal}")
+    write_result(
+        args.out,
+        {"tiny": args.tiny, "device": device, "iters": args.iters, "warmup": args.warmup, "rows": rows,
+         "goal_fits_24gib": goal},
+    )
+
+
+if __name__ == "__main__":
+    main()

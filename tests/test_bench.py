@@ -1,0 +1,104 @@
+"""The bench/ scripts run on tiny sizes and write their JSON with the expected keys (no timing is asserted).
+
+One tiny workspace is shared: bench_pipeline builds it (`dvc repro warmup`, the stages that need no later
+model) and bench_pseudo_label reuses its warm-up model. bench_accuracy aggregates evaluate.json files in the
+evaluate stage's format (a full tiny `dvc repro` is tested in test_pipeline_dvc.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.tiny import REPO, run, tiny_params
+
+COMMON = {"date", "command", "machine"}
+
+
+def bench(script: str, *args: str) -> str:
+    return run([sys.executable, str(REPO / "bench" / f"{script}.py"), *args], REPO).stdout
+
+
+def result(path: Path, keys: set[str]) -> dict:
+    data = json.loads(path.read_text())
+    assert COMMON | keys <= set(data), sorted(data)
+    assert {"cpu", "cores", "torch", "gpu"} <= set(data["machine"])
+    return data
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "pipeline.json"
+    bench("bench_pipeline", "--tiny", "--workdir", str(tmp / "ws"), "--until", "warmup", "--noop-repeat", "1",
+          "--prefect-repeat", "1", "--prefect-modes", "no-server-unset", "--out", str(out))
+    return tmp / "ws", result(out, {"repro", "noop_repro", "prefect", "workspace"})
+
+
+def test_pipeline(pipeline) -> None:
+    _, data = pipeline
+    assert {"generate", "prepare", "warmup"} <= set(data["repro"]["stages"])
+    assert {"total_s", "dvc_overhead_s"} <= set(data["repro"])
+    assert len(data["noop_repro"]["runs_s"]) == 1
+    assert data["prefect"]["rows"][0]["mode"] == "no-server-unset"
+
+
+def test_pseudo_label(pipeline, tmp_path: Path) -> None:
+    ws, _ = pipeline
+    out = tmp_path / "pl.json"
+    bench("bench_pseudo_label", "--tiny", "--workspace", str(ws), "--repeat", "1", "--out", str(out))
+    data = result(out, {"images_per_s", "write_over_inference", "bytes_per_image", "ratio_float32_over_zarr"})
+    assert set(data["images_per_s"]) == {"pure_inference", "write_pseudo_labels"}
+    assert data["bytes_per_image"]["zarr"]["total"] > 0
+
+
+def fake_run(root: Path, seed: int, warmup: float, adapt: float, kd: float, oracle: float) -> None:
+    """A finished run as the evaluate stage leaves it: params.yaml and metrics/evaluate.json."""
+    params = tiny_params(**{"base.seed": seed})
+    root.joinpath("metrics").mkdir(parents=True)
+    root.joinpath("params.yaml").write_text(yaml.safe_dump(params))
+    mious = {"warmup": warmup, "adapt": adapt, "distill_1": kd, "oracle": oracle}
+    gap = {n: (mious[n] - warmup) / (oracle - warmup) for n in ("adapt", "distill_1")}
+    evaluate = {
+        "final_stage": "distill_1",
+        "gap_closed": gap,
+        "pseudo_labels": {"warmup": {"coverage": 100.0, "miou": warmup, "pixel_acc": 50.0, "threshold": 0.0}},
+        "stages": {n: {"miou": m, "pixel_acc": 50.0 + m} for n, m in mious.items()},
+    }
+    root.joinpath("metrics", "evaluate.json").write_text(json.dumps(evaluate, sort_keys=True))
+
+
+def test_accuracy_reuse(tmp_path: Path) -> None:
+    fake_run(tmp_path / "runs" / "seed_0", 0, 20.0, 25.0, 30.0, 40.0)
+    fake_run(tmp_path / "runs" / "seed_1", 1, 22.0, 27.0, 32.0, 42.0)
+    out = tmp_path / "acc.json"
+    text = bench("bench_accuracy", "--reuse", str(tmp_path / "runs"), "--out", str(out))
+    data = result(out, {"runs", "stages", "final_stage", "goal_met", "warmup_aligned", "pseudo_labels"})
+    assert list(data["stages"]) == ["warmup", "adapt", "distill_1", "oracle"]
+    assert [r["seed"] for r in data["runs"]] == [0, 1]
+    kd = data["stages"]["distill_1"]
+    assert kd["gap_closed_mean"] == pytest.approx(0.5) and kd["miou_mean"] == pytest.approx(31.0)
+    assert data["goal_met"] is False and "NOT met" in text
+
+
+def test_adapt_cost(tmp_path: Path) -> None:
+    out = tmp_path / "cost.json"
+    bench("bench_adapt_cost", "--tiny", "--iters", "1", "--warmup", "1", "--out", str(out))
+    data = result(out, {"device", "rows", "goal_fits_24gib"})
+    assert [r["task"] for r in data["rows"]] == ["supervised", "proda"]
+    for r in data["rows"]:
+        assert not r["oom"] and {"s_per_iter", "peak_extra_mb", "baseline_mb"} <= set(r)
+    assert data["rows"][1]["time_ratio_vs_supervised"] > 0
+
+
+def test_scaling(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    bench("bench_scaling", "--tiny", "--factors", "1", "2", "--until", "generate", "--workdir", str(tmp_path / "ws"),
+          "--out", str(out))
+    data = result(out, {"factors", "iters", "images", "runs"})
+    assert data["images"]["2"]["n_source"] == 2 * data["images"]["1"]["n_source"]
+    assert set(data["runs"]) == {"1", "2"} and all("generate" in r["stages"] for r in data["runs"].values())
