@@ -19,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import bench_params, keep_dir, make_workspace, mean_std, parser, seed_overrides, table, timed_repro
-from common import write_result
+from common import (
+    bench_params,
+    keep_dir,
+    make_workspace,
+    mean_std,
+    parser,
+    seed_overrides,
+    table,
+    timed_repro,
+    write_result,
+)
 
 EVALUATE = Path("metrics/evaluate.json")
 
@@ -57,14 +66,18 @@ def report_order(names: list[str]) -> list[str]:
     return sorted(names, key=key)
 
 
+def values(evals: list[dict], section: str, name: str, key: str) -> list[float]:
+    """evaluate.json's section[name][key] of every run that has it (null, e.g. no pixels kept, is skipped)."""
+    return [v for e in evals if (v := e.get(section, {}).get(name, {}).get(key)) is not None]
+
+
 def aggregate(runs: list[dict[str, Any]], goal: float) -> dict[str, Any]:
     """mean ± std per stage of mIoU, pixel accuracy and gap closed (null values, e.g. an undefined gap, skipped)."""
     evals = [r["evaluate"] for r in runs]
     stages: dict[str, Any] = {}
     for name in report_order(list(evals[0]["stages"])):
-        miou = [e["stages"][name]["miou"] for e in evals if e["stages"].get(name, {}).get("miou") is not None]
-        acc = [e["stages"][name]["pixel_acc"] for e in evals if e["stages"].get(name, {}).get("pixel_acc") is not None]
-        gap = [e["gap_closed"][name] for e in evals if e["gap_closed"].get(name) is not None]
+        miou, acc = values(evals, "stages", name, "miou"), values(evals, "stages", name, "pixel_acc")
+        gap = [g for e in evals if (g := e["gap_closed"].get(name)) is not None]
         row: dict[str, Any] = {"miou_per_run": miou}
         row["miou_mean"], row["miou_std"] = mean_std(miou)
         row["pixel_acc_mean"], row["pixel_acc_std"] = mean_std(acc)
@@ -74,7 +87,7 @@ def aggregate(runs: list[dict[str, Any]], goal: float) -> dict[str, Any]:
         stages[name] = row
     pseudo = {}
     for name in sorted(evals[0].get("pseudo_labels", {}), key=lambda n: (n != "warmup", n)):
-        vals = [e["pseudo_labels"][name]["miou"] for e in evals if e["pseudo_labels"].get(name, {}).get("miou") is not None]
+        vals = values(evals, "pseudo_labels", name, "miou")
         pseudo[name] = dict(zip(("miou_mean", "miou_std"), mean_std(vals), strict=True))
     final = evals[0]["final_stage"]
     final_gap = stages.get(final, {}).get("gap_closed_mean")
@@ -97,12 +110,13 @@ def pm(mean: float | None, std: float | None, scale: float = 1.0) -> str:
 def label(name: str, aligned: bool) -> str:
     if name == "warmup":
         return "warm-up (adversarially aligned)" if aligned else "source-only = warm-up"
-    return {"adapt": "stage 1 (adapt)", "oracle": "oracle (target labels)"}.get(name, name.replace("distill_", "KD round "))
+    names = {"adapt": "stage 1 (adapt)", "oracle": "oracle (target labels)"}
+    return names.get(name, name.replace("distill_", "KD round "))
 
 
 def main() -> None:
     ap = parser(__doc__, "accuracy")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed (default: 0 1 2)")
     ap.add_argument("--workdir", type=Path, help="folder for the seed_<s> workspaces (default: a temp dir, kept)")
     ap.add_argument("--reuse", type=Path, nargs="+", help="aggregate these existing runs instead of running")
     ap.add_argument("--goal", type=float, default=0.6, help="gap closed the final stage should reach")
@@ -128,8 +142,12 @@ def main() -> None:
         table(
             ["model", "mIoU %", "pixel acc %", "gap closed %"],
             [
-                [label(n, aligned), pm(s["miou_mean"], s["miou_std"]), pm(s["pixel_acc_mean"], s["pixel_acc_std"]),
-                 pm(s.get("gap_closed_mean"), s.get("gap_closed_std"), 100) if "gap_closed_per_run" in s else ""]
+                [
+                    label(n, aligned),
+                    pm(s["miou_mean"], s["miou_std"]),
+                    pm(s["pixel_acc_mean"], s["pixel_acc_std"]),
+                    pm(s.get("gap_closed_mean"), s.get("gap_closed_std"), 100) if "gap_closed_per_run" in s else "",
+                ]
                 for n, s in agg["stages"].items()
             ],
         )
@@ -141,7 +159,7 @@ def main() -> None:
     final_gap = agg["stages"].get(agg["final_stage"], {}).get("gap_closed_mean")
     verdict = {True: "met", False: "NOT met", None: "undefined (no gap)"}[agg["goal_met"]]
     print(
-        f"final stage {agg['final_stage']}: gap closed {pm(final_gap, None, 100)}% "
+        f"final stage {agg['final_stage']}: gap closed {pm(final_gap, None, 100)}{'' if final_gap is None else '%'} "
         f"(goal >= {100 * args.goal:.0f}%: {verdict})"
     )
     write_result(args.out, {"tiny": args.tiny, "runs": runs, "repro": repro_s or None, **agg})

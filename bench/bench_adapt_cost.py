@@ -16,7 +16,8 @@ Each (config, task, AMP) runs in a fresh subprocess so peaks do not mix:
 
 Configs: `default` = params.yaml (model, adapt crop and batch, embedded image size); `paper` = params/
 gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896, batch 4, target images
-1100x2200 for the EMA's full view), run by default only on a GPU; `tiny` = tests/tiny.py (--tiny).
+1100x2200 for the EMA's full view); `tiny` = tests/tiny.py (--tiny). `--device auto` (default) runs `default`
+on this CPU and, when a GPU is present, `default` and `paper` on it with AMP on and off; --configs overrides.
 
     python bench/bench_adapt_cost.py [--configs default paper] [--device auto] [--iters 10] [--warmup 2]
 """
@@ -41,7 +42,7 @@ BUDGET_GIB = 24  # the goal: a 24 GB card (RTX 3090/4090 class)
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def load_config(name: str):
+def load_config(name: str, amp: bool):
     from pipeline.config import parse_params
 
     if name == "paper":
@@ -49,6 +50,7 @@ def load_config(name: str):
         raw["model"]["pretrained"] = None  # random init: same cost, no weight file needed
     else:
         raw = bench_params(name == "tiny")
+    raw["adapt"]["optim"]["amp"] = amp  # ProDATask's own autocast (EMA forwards) follows the step's setting
     return parse_params(raw)
 
 
@@ -93,7 +95,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.supervised import SupervisedTask
 
     torch.manual_seed(0)
-    params = load_config(spec["config"])
+    params = load_config(spec["config"], spec["amp"])
     device = torch.device(spec["device"])
     k = params.data.num_classes
     model = new_model(params.model, k).to(device).train()
@@ -173,52 +175,57 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     args = ap.parse_args()
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = "cuda" if cuda else "cpu"
-    configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if cuda else ["default"])
-    amps = [True, False] if cuda else [False]
+    if args.device == "auto":  # this CPU always; the GPU too when there is one
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [args.device]
     rows = []
-    for config in configs:
-        for amp in amps:
-            pair = {}
-            for task in ("supervised", "proda"):
-                spec = {"config": config, "task": task, "amp": amp, "device": device, "iters": args.iters,
-                        "warmup": args.warmup}
-                print(f"running {spec}", flush=True)
-                pair[task] = run_worker(spec)
-            pair["proda"]["time_ratio_vs_supervised"] = (
-                None if pair["proda"]["oom"] or pair["supervised"]["oom"]
-                else pair["proda"]["s_per_iter"] / pair["supervised"]["s_per_iter"]
-            )
-            rows += [pair["supervised"], pair["proda"]]
+    for device in devices:
+        configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if device == "cuda" else ["default"])
+        for config in configs:
+            for amp in [True, False] if device == "cuda" else [False]:
+                pair = {}
+                for task in ("supervised", "proda"):
+                    spec = dict(config=config, task=task, amp=amp, device=device, iters=args.iters, warmup=args.warmup)
+                    print(f"running {spec}", flush=True)
+                    pair[task] = run_worker(spec)
+                ok = not (pair["proda"]["oom"] or pair["supervised"]["oom"])
+                ratio = pair["proda"]["s_per_iter"] / pair["supervised"]["s_per_iter"] if ok else None
+                pair["proda"]["time_ratio_vs_supervised"] = ratio
+                rows += [pair["supervised"], pair["proda"]]
 
-    mem = "peak_allocated_mb" if cuda else "peak_rss_mb"
-    print(f"per training iteration on {device} (median of {args.iters}); memory in MiB")
+    def cells(r: dict) -> list[str]:
+        if r["oom"]:
+            return ["OOM", "", "", ""]
+        ratio = r.get("time_ratio_vs_supervised")
+        peak = r.get("peak_allocated_mb", r.get("peak_rss_mb"))
+        return [f"{r['s_per_iter']:.3f}", f"{ratio:.2f}" if ratio else "", f"{peak:.0f}", f"{r['peak_extra_mb']:.0f}"]
+
+    print(f"per training iteration, median of {args.iters}; peak MiB: CUDA max allocated, CPU process RSS")
     print(
         table(
-            ["config", "task", "AMP", "s/iter", "x supervised", mem, "peak extra"],
-            [
-                [r["config"], r["task"], "on" if r["amp"] else "off"]
-                + (["OOM", "", "", ""] if r["oom"] else [
-                    f"{r['s_per_iter']:.3f}",
-                    f"{r['time_ratio_vs_supervised']:.2f}" if r.get("time_ratio_vs_supervised") else "",
-                    f"{r[mem]:.0f}",
-                    f"{r['peak_extra_mb']:.0f}",
-                ])
-                for r in rows
-            ],
+            ["device", "config", "task", "AMP", "s/iter", "x supervised", "peak MiB", "extra MiB"],
+            [[r["device"], r["config"], r["task"], "on" if r["amp"] else "off", *cells(r)] for r in rows],
         )
     )
     goal = None
     paper = [r for r in rows if r["config"] == "paper" and r["task"] == "proda" and r["device"] == "cuda"]
     if paper:
-        goal = {("amp" if r["amp"] else "fp32"): (not r["oom"] and r["peak_allocated_mb"] < BUDGET_GIB * 1024)
-                for r in paper}
+        goal = {
+            ("amp" if r["amp"] else "fp32"): (not r["oom"] and r["peak_allocated_mb"] < BUDGET_GIB * 1024)
+            for r in paper
+        }
         print(f"paper stage-1 batch within {BUDGET_GIB} GiB (max_memory_allocated): {goal}")
     write_result(
         args.out,
-        {"tiny": args.tiny, "device": device, "iters": args.iters, "warmup": args.warmup, "rows": rows,
-         "goal_fits_24gib": goal},
+        {
+            "tiny": args.tiny,
+            "devices": devices,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "rows": rows,
+            "goal_fits_24gib": goal,
+        },
     )
 
 

@@ -20,9 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bench_params, keep_dir, make_workspace, noop_repro, parser, table, timed_repro, write_result
-
 import bench_prefect_overhead as bpo
+from common import bench_params, keep_dir, make_workspace, noop_repro, parser, table, timed_repro, write_result
 
 MODES = ("no-server-unset", "no-server-dead-url", "server")
 
@@ -71,7 +70,8 @@ def main() -> None:
 
     total = full["total_s"]
     rows = [[name, f"{s:.1f}", f"{100 * s / total:.0f}%"] for name, s in full["stages"].items()]
-    rows += [["(dvc start-up and checks)", f"{full['dvc_overhead_s']:.1f}", f"{100 * full['dvc_overhead_s'] / total:.0f}%"]]
+    dvc_s = full["dvc_overhead_s"]
+    rows += [["(dvc start-up and checks)", f"{dvc_s:.1f}", f"{100 * dvc_s / total:.0f}%"]]
     rows += [["total `dvc repro`", f"{total:.1f}", "100%"]]
     print(table(["stage", "wall s", "share"], rows))
     if noop:
@@ -82,8 +82,12 @@ def main() -> None:
             table(
                 ["mode", "wall median", "wall min", "CPU median"],
                 [
-                    [r["mode"], f"{r['overhead_wall_median_s']:.2f}", f"{r['overhead_wall_min_s']:.2f}",
-                     f"{r['overhead_cpu_median_s']:.2f}"]
+                    [
+                        r["mode"],
+                        f"{r['overhead_wall_median_s']:.2f}",
+                        f"{r['overhead_wall_min_s']:.2f}",
+                        f"{r['overhead_cpu_median_s']:.2f}",
+                    ]
                     for r in prefect["rows"]
                 ],
             )

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_store_size import dir_bytes
 from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_result
 
-from bench_store_size import dir_bytes
 from pipeline.inference import _loader, softmax_at_stride, write_pseudo_labels
 from pipeline.runtime import dataset, load_model, setup
 
@@ -41,9 +41,9 @@ def sync(device: torch.device) -> None:
 
 def main() -> None:
     ap = parser(__doc__, "pseudo_label")
-    ap.add_argument("--workspace", type=Path, help="existing run with models/warmup/last.pt and data/manifests")
+    ap.add_argument("--workspace", type=Path, help="existing run with models/warmup/last.pt (its params are used)")
     ap.add_argument("--workdir", type=Path, help="without --workspace: new folder to build one in (default: temp)")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="timed passes of each (median reported)")
     args = ap.parse_args()
 
     if args.workspace:
@@ -91,18 +91,27 @@ def main() -> None:
     print(
         table(
             ["", "images/s", "s/pass (median)"],
-            [["pure inference (forward + softmax)", f"{speed['pure_inference']:.2f}", f"{statistics.median(t_infer):.2f}"],
-             ["write_pseudo_labels (stage)", f"{speed['write_pseudo_labels']:.2f}", f"{statistics.median(t_write):.2f}"]],
+            [
+                [label, f"{speed[key]:.2f}", f"{statistics.median(secs):.2f}"]
+                for label, key, secs in [
+                    ("pure inference (forward + softmax)", "pure_inference", t_infer),
+                    ("write_pseudo_labels (stage)", "write_pseudo_labels", t_write),
+                ]
+            ],
         )
     )
     print(f"writer / pure inference speed: {speed['write_pseudo_labels'] / speed['pure_inference']:.2f}")
     print(
         table(
             ["format", "KB/image", "x smaller"],
-            [["float32 soft (K*h*w*4)", f"{f32 / 1e3:.1f}", "1.00"],
-             # A ratio only where it compares like with like: soft vs soft, and the whole store vs soft alone.
-             *[[f"zarr {a}", f"{b / 1e3:.1f}", f"{f32 / b:.2f}" if a in ("soft", "total") else ""]
-               for a, b in sizes.items()]],
+            [
+                ["float32 soft (K*h*w*4)", f"{f32 / 1e3:.1f}", "1.00"],
+                # A ratio only where it compares like with like: soft vs soft, and the whole store vs soft alone.
+                *[
+                    [f"zarr {a}", f"{b / 1e3:.1f}", f"{f32 / b:.2f}" if a in ("soft", "total") else ""]
+                    for a, b in sizes.items()
+                ],
+            ],
         )
     )
     write_result(

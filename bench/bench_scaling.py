@@ -37,7 +37,7 @@ def scaled(tiny: bool, factor: int, iters: int) -> dict:
 
 def main() -> None:
     ap = parser(__doc__, "scaling")
-    ap.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4], help="image-count multipliers")
     ap.add_argument("--iters", type=int, default=10, help="iterations of every training stage (0: params.yaml's)")
     ap.add_argument("--workdir", type=Path, help="new or empty folder for the workspace (default: a temp dir, kept)")
     ap.add_argument("--until", help="`dvc repro STAGE`: that stage and its upstream only (default: the whole DAG)")
@@ -63,8 +63,15 @@ def main() -> None:
     print(table(["stage", *(f"{f}x" for f in args.factors), f"{last}x / {first}x"], rows))
     write_result(
         args.out,
-        {"tiny": args.tiny, "workspace": str(root), "factors": args.factors, "iters": args.iters,
-         "until": args.until, "images": images, "runs": runs},
+        {
+            "tiny": args.tiny,
+            "workspace": str(root),
+            "factors": args.factors,
+            "iters": args.iters,
+            "until": args.until,
+            "images": images,
+            "runs": runs,
+        },
     )
 
 

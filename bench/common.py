@@ -36,7 +36,8 @@ def parser(doc: str, name: str) -> argparse.ArgumentParser:
     """argparse with the options every script has: --out (JSON) and --tiny (tests/tiny.py's params)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Resolved at once: a script may chdir into a workspace before writing.
-    ap.add_argument("--out", type=lambda s: Path(s).resolve(), default=RESULTS / f"{name}.json", help="JSON results (default: %(default)s)")
+    default = RESULTS / f"{name}.json"
+    ap.add_argument("--out", type=lambda s: Path(s).resolve(), default=default, help="JSON file (default: %(default)s)")
     ap.add_argument("--tiny", action="store_true", help="tests/tiny.py's tiny params instead of params.yaml (tests)")
     return ap
 
@@ -160,7 +161,7 @@ def machine() -> dict[str, Any]:
 def write_result(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     """Writes results with the date, the machine and the command line; returns what was written."""
     out = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
         "machine": machine(),
         **results,

@@ -34,8 +34,8 @@ def result(path: Path, keys: set[str]) -> dict:
 def pipeline(tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "pipeline.json"
-    bench("bench_pipeline", "--tiny", "--workdir", str(tmp / "ws"), "--until", "warmup", "--noop-repeat", "1",
-          "--prefect-repeat", "1", "--prefect-modes", "no-server-unset", "--out", str(out))
+    args = f"--workdir {tmp / 'ws'} --until warmup --noop-repeat 1 --prefect-repeat 1 --prefect-modes no-server-unset"
+    bench("bench_pipeline", "--tiny", "--out", str(out), *args.split())
     return tmp / "ws", result(out, {"repro", "noop_repro", "prefect", "workspace"})
 
 
@@ -88,8 +88,8 @@ def test_accuracy_reuse(tmp_path: Path) -> None:
 def test_adapt_cost(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
     bench("bench_adapt_cost", "--tiny", "--iters", "1", "--warmup", "1", "--out", str(out))
-    data = result(out, {"device", "rows", "goal_fits_24gib"})
-    assert [r["task"] for r in data["rows"]] == ["supervised", "proda"]
+    data = result(out, {"devices", "rows", "goal_fits_24gib"})
+    assert [r["task"] for r in data["rows"]][:2] == ["supervised", "proda"]
     for r in data["rows"]:
         assert not r["oom"] and {"s_per_iter", "peak_extra_mb", "baseline_mb"} <= set(r)
     assert data["rows"][1]["time_ratio_vs_supervised"] > 0
@@ -97,8 +97,8 @@ def test_adapt_cost(tmp_path: Path) -> None:
 
 def test_scaling(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    bench("bench_scaling", "--tiny", "--factors", "1", "2", "--until", "generate", "--workdir", str(tmp_path / "ws"),
-          "--out", str(out))
+    args = f"--factors 1 2 --until generate --workdir {tmp_path / 'ws'}"
+    bench("bench_scaling", "--tiny", "--out", str(out), *args.split())
     data = result(out, {"factors", "iters", "images", "runs"})
     assert data["images"]["2"]["n_source"] == 2 * data["images"]["1"]["n_source"]
     assert set(data["runs"]) == {"1", "2"} and all("generate" in r["stages"] for r in data["runs"].values())
