@@ -48,7 +48,7 @@ BASE_RATES: dict[str, float] = {
     "rider": 0.5,
     "motorcycle": 0.25,  # parked, without rider
     "bicycle": 0.35,  # parked, without rider
-    "pole": 2.5,
+    "pole": 1.5,  # plain poles and street lamps; lights and signs come on their own poles
     "traffic light": 0.9,
     "traffic sign": 1.4,
     "tree": 2.0,
@@ -160,6 +160,8 @@ class SynthStyle:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.camera_height <= 0 or self.object_scale <= 0:
+            raise ValueError("camera_height and object_scale must be > 0")
 
     def rate(self, name: str) -> float:
         r = BASE_RATES[name] * self.class_frequency.get(name, 1.0)
@@ -243,6 +245,8 @@ class SynthConfig:
     def __post_init__(self) -> None:
         self.train_cities = tuple(self.train_cities)
         self.val_cities = tuple(self.val_cities)
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.height < 8 or self.width < 8:
             raise ValueError(f"image size too small: {self.height}x{self.width}")
         if min(self.n_source, self.n_target_train, self.n_target_val) < 0:
@@ -302,7 +306,15 @@ PALETTE: dict[str, list[RGB]] = {
     "vegetation": [(56, 138, 38), (84, 150, 34), (40, 110, 50)],
     "trunk": [(96, 70, 44)],
     "terrain": [(150, 176, 70), (170, 160, 90), (120, 160, 60)],
-    "sky": [(96, 160, 236), (120, 176, 240), (80, 140, 220), (168, 188, 212)],  # last: overcast
+    # Game weather: clear blue, hazy and overcast skies.
+    "sky": [
+        (96, 160, 236),
+        (120, 176, 240),
+        (80, 140, 220),
+        (168, 188, 212),
+        (200, 204, 214),
+        (180, 180, 190),
+    ],
     "person": [(200, 40, 40), (40, 60, 160), (30, 30, 34), (220, 200, 60), (60, 140, 80), (230, 230, 230)],
     "skin": [(232, 190, 150), (190, 140, 100), (120, 84, 60)],
     "trousers": [(40, 44, 70), (30, 30, 30), (110, 100, 80), (70, 80, 110)],
@@ -697,19 +709,16 @@ class _Painter:
                 fn = self.bicycle if name == "bicycle" else self.motorcycle
                 self.add(z, lambda fn=fn, x=x, z=z, nm=name: fn(x, z, sc.colour(nm), 1 if x > 0 else -1))
         # Street furniture on the kerb: poles, some carrying signs or lights.
-        n_pole = self.count("pole")
-        n_light = self.count("traffic light")
-        n_sign = self.count("traffic sign")
-        n = max(n_pole, n_light, n_sign)
-        for i in range(n):
-            kind = "light" if i < n_light else ("sign" if i < n_light + n_sign else "lamp")
-            fname = {"light": "traffic light", "sign": "traffic sign", "lamp": "pole"}[kind]
-            near = self.forced == fname and i == 0
-            z = float(rng.uniform(4, 10)) if near else float(4 + 50 * rng.uniform() ** 1.3)
-            side = -1 if rng.uniform() < 0.5 else 1
-            r = self.rl if side < 0 else self.rr
-            x = side * (r + 0.35)
-            self.add(z, lambda x=x, z=z, k=kind, sd=side: self.pole(x, z, k, sd))
+        kinds = {"traffic light": "light", "traffic sign": "sign", "pole": "lamp"}
+        for fname, kind in kinds.items():
+            n = self.count(fname)
+            for i in range(n):
+                near = self.forced == fname and i == 0
+                z = float(rng.uniform(4, 10)) if near else float(4 + 50 * rng.uniform() ** 1.3)
+                side = -1 if rng.uniform() < 0.5 else 1
+                r = self.rl if side < 0 else self.rr
+                x = side * (r + 0.35)
+                self.add(z, lambda x=x, z=z, k=kind, sd=side: self.pole(x, z, k, sd))
         n = self.count("tree")
         for _ in range(n):
             side = -1 if rng.uniform() < 0.5 else 1
@@ -1068,7 +1077,7 @@ class _Painter:
 # -------------------------------------------------------------------------------------------- finishing
 def _upsampled_noise(rng: np.random.Generator, h: int, w: int, factor: int) -> np.ndarray:
     small = rng.standard_normal((max(2, h // factor + 1), max(2, w // factor + 1))).astype(np.float32)
-    return np.asarray(Image.fromarray(small, mode="F").resize((w, h), Image.BILINEAR))
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
 
 
 def _finish(rgb: Image.Image, lab: np.ndarray, style: SynthStyle, rng: np.random.Generator) -> np.ndarray:
@@ -1104,7 +1113,7 @@ def _finish(rgb: Image.Image, lab: np.ndarray, style: SynthStyle, rng: np.random
     gain = style.brightness * (1.0 + style.brightness_jitter * rng.standard_normal())
     img = img * (np.asarray(style.colour_cast, dtype=np.float32) * gain)
     img = np.clip(img, 0.0, 1.0) ** style.gamma
-    out = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8), mode="RGB")
+    out = Image.fromarray((img * 255.0 + 0.5).astype(np.uint8))
     if style.blur_sigma > 0:
         out = out.filter(ImageFilter.GaussianBlur(style.blur_sigma))
     arr = np.asarray(out, dtype=np.float32)
@@ -1139,8 +1148,9 @@ def target_stem(cities: Sequence[str], i: int) -> tuple[str, str]:
     return city, f"{city}_{i // len(cities):06d}_{19:06d}"
 
 
-def _save_png(path: Path, arr: np.ndarray, mode: str) -> None:
-    Image.fromarray(arr, mode=mode).save(path, format="PNG", optimize=False, compress_level=6)
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    # uint8 [H, W, 3] is saved as RGB, uint8 [H, W] as "L" (8-bit label ids).
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(path, format="PNG", compress_level=6)
 
 
 def generate(root: str | Path, cfg: SynthConfig) -> dict[str, Any]:
@@ -1171,8 +1181,8 @@ def generate(root: str | Path, cfg: SynthConfig) -> dict[str, Any]:
     src_lab.mkdir(parents=True)
     for i in range(cfg.n_source):
         img, lab = render(cfg, "source", "train", i)
-        _save_png(src_img / _source_name(i), img, "RGB")
-        _save_png(src_lab / _source_name(i), lab, "L")
+        _save_png(src_img / _source_name(i), img)
+        _save_png(src_lab / _source_name(i), lab)
         tally("source", lab)
     counts.setdefault("source", 0)
     for split, n, cities in (
@@ -1187,8 +1197,8 @@ def generate(root: str | Path, cfg: SynthConfig) -> dict[str, Any]:
         for i in range(n):
             img, lab = render(cfg, "target", split, i)
             city, stem = target_stem(cities, i)
-            _save_png(tmp / "target" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", img, "RGB")
-            _save_png(tmp / "target" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab, "L")
+            _save_png(tmp / "target" / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", img)
+            _save_png(tmp / "target" / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab)
             tally(key, lab)
     for key in counts:
         pixels.setdefault(key, {n: 0 for n in [*TRAIN_CLASSES, "ignore"]})
