@@ -28,11 +28,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
+def _stage_rank(name: str) -> tuple[int, str]:
+    """Pipeline order (warm-up, stage 1, KD rounds, oracle), not the JSON's alphabetical order."""
+    head = name.split("_")[0]
+    order = {"warmup": 0, "adapt": 1, "distill": 2, "teacher": 2, "oracle": 3}
+    num = name.rsplit("_", 1)[-1]
+    return order.get(head, 4), num.zfill(4) if num.isdigit() else name
+
+
 def format_summary(metrics: dict[str, Any]) -> str:
     """Plain-text tables: mIoU / pixel accuracy / gap closed per stage, then pseudo-label quality."""
     gaps = metrics.get("gap_closed", {})
     rows = []
-    for name, m in metrics.get("stages", {}).items():
+    for name, m in sorted(metrics.get("stages", {}).items(), key=lambda kv: _stage_rank(kv[0])):
         gap = "" if name not in gaps else _num(None if gaps[name] is None else 100 * gaps[name], "{:.1f}%")
         rows.append([name, _num(m.get("miou")), _num(m.get("pixel_acc")), gap])
     out = ["mIoU on target val (%), every stage's last.pt; gap closed vs warm-up (source only) -> oracle"]
@@ -49,7 +57,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
                 _num(q.get("pixel_acc")),
                 _num(q.get("miou")),
             ]
-            for n, q in quality.items()
+            for n, q in sorted(quality.items(), key=lambda kv: _stage_rank(kv[0]))
         ]
         out += _table(["labels", "threshold", "coverage", "pixel acc", "mIoU"], q_rows)
     else:
