@@ -104,9 +104,7 @@ def main() -> None:
             "files_per_image": 1.0,
         }
         results["formats"]["zarr float16 soft+label+conf"] = bench_store(root, "f16.zarr", probs, ids)
-        results["formats"]["zarr uint8 soft+label+conf"] = bench_store(
-            root, "u8.zarr", probs, ids, soft_dtype="uint8"
-        )
+        results["formats"]["zarr uint8 soft+label+conf"] = bench_store(root, "u8.zarr", probs, ids, soft_dtype="uint8")
         results["formats"]["zarr label+conf (hard round)"] = bench_store(
             root, "hard.zarr", probs, ids, store_soft=False
         )
@@ -118,10 +116,7 @@ def main() -> None:
         f"{args.n} images, K={K}, {H}x{W}; mean conf {results['mean_conf']}, "
         f"conf>0.95 on {100 * results['frac_conf_gt_0.95']:.1f}% of pixels"
     )
-    print(
-        f"{'format':32s} {'KB/image':>10s} {'x smaller':>10s} {'files/img':>9s} "
-        f"{'argmax agree':>13s} {'img/s':>7s}"
-    )
+    print(f"{'format':32s} {'KB/image':>10s} {'x smaller':>10s} {'files/img':>9s} {'argmax agree':>13s} {'img/s':>7s}")
     for name, r in results["formats"].items():
         agree = r.get("soft_argmax_agreement")
         print(

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint as ckpt
@@ -32,7 +31,15 @@ from pipeline.prototypes import PrototypeBank, proto_logits, rectify
 from pipeline.pseudo_store import PseudoLabelStore
 from pipeline.quality import QualityAccumulator
 from pipeline.runtime import Context, dataset, load_model, manifest_path, write_json
-from pipeline.training import WeakTransform, run_training, stream, strong_config, weak_config, wrap_ddp
+from pipeline.training import (
+    WeakTransform,
+    joint_forward,
+    run_training,
+    stream,
+    strong_config,
+    weak_config,
+    wrap_ddp,
+)
 from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
 
 IGNORE = 255
@@ -96,18 +103,7 @@ class ProDATask:
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
         p, src, tgt = self.p, batch["source"], batch["target"]
-        n = src["image"].shape[0]
-        crop = tgt["image"].shape[-2:]
-        out_size = (max(1, round(crop[0] * p.target_scale)), max(1, round(crop[1] * p.target_scale)))
-        logits, feats = self.net(torch.cat([src["image"], tgt["image"]]))
-        logs: dict[str, float] = {}
-        total = logits.new_zeros(())
-        if p.source_ce.enabled:
-            ce = cross_entropy(logits[:n], src["label"])
-            total = total + p.source_ce.weight * ce
-            logs["src_ce"] = ce.item()
-        s_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
-        s_feat = F.interpolate(feats[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+        s_logits, s_feat, out_size, total, logs = joint_forward(self.net, src, tgt, p.target_scale, p.source_ce)
         valid = downsample_valid(tgt["valid"], out_size)
 
         with torch.no_grad():

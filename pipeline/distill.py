@@ -11,17 +11,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import DistillParams
 from pipeline.engine import build_optimizer
-from pipeline.losses import cross_entropy, kd_kl, masked_ce_hard
+from pipeline.losses import kd_kl, masked_ce_hard
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.pseudo_store import PseudoLabelStore
 from pipeline.runtime import Context, dataset, load_model, manifest_path, model_params_of, new_model
-from pipeline.training import WeakTransform, run_training, stream, strong_config, weak_config, wrap_ddp
+from pipeline.training import (
+    WeakTransform,
+    joint_forward,
+    run_training,
+    stream,
+    strong_config,
+    weak_config,
+    wrap_ddp,
+)
 from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
 
 IGNORE = 255
@@ -76,17 +83,7 @@ class DistillTask:
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
         p, src, tgt = self.p, batch["source"], batch["target"]
-        n = src["image"].shape[0]
-        crop = tgt["image"].shape[-2:]
-        out_size = (max(1, round(crop[0] * p.target_scale)), max(1, round(crop[1] * p.target_scale)))
-        logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
-        logs: dict[str, float] = {}
-        total = logits.new_zeros(())
-        if p.source_ce.enabled:
-            ce = cross_entropy(logits[:n], src["label"])
-            total = total + p.source_ce.weight * ce
-            logs["src_ce"] = ce.item()
-        s_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+        s_logits, _, out_size, total, logs = joint_forward(self.net, src, tgt, p.target_scale, p.source_ce)
         with torch.no_grad():
             valid = downsample_valid(tgt["valid"], out_size)
             label = warp_to_view(tgt["t_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)

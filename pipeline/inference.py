@@ -84,21 +84,27 @@ def write_pseudo_labels(
     }
 
 
+def gt_loader(ctx: Context):
+    """Target-train ground truth by id (None for images without labels), and the dataset's ids."""
+    ds = dataset(ctx, "target_train", with_labels=True)
+    by_id = {r.id: i for i, r in enumerate(ds.records)}
+
+    def load(image_id: str) -> np.ndarray | None:
+        i = by_id.get(image_id)
+        if i is None or ds.records[i].label is None:
+            return None
+        return ds.load(i)["label"].numpy()
+
+    return load, ds.ids
+
+
 def store_quality(
     ctx: Context, store_path: str | Path, threshold: float, out_json: Path, out_csv: Path, extra: dict | None = None
 ) -> dict | None:
     """Pseudo-label quality against target-train ground truth when it exists; otherwise a log line, no file."""
-    gt_ds = dataset(ctx, "target_train", with_labels=True)
-    by_id = {r.id: i for i, r in enumerate(gt_ds.records)}
-
-    def gt(image_id: str) -> np.ndarray | None:
-        i = by_id.get(image_id)
-        if i is None or gt_ds.records[i].label is None:
-            return None
-        return gt_ds.load(i)["label"].numpy()
-
+    gt, ids = gt_loader(ctx)
     store = PseudoLabelStore(store_path)
-    store.check_matches(gt_ds.ids, ctx.class_names)
+    store.check_matches(ids, ctx.class_names)
     summary = evaluate_store_quality(store, gt, threshold, ctx.class_names)
     if summary is None:
         write_json(out_json, {"skipped": "no ground truth for the target-train split", **(extra or {})})

@@ -70,8 +70,9 @@ def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
 
 def _check_target(logits: Tensor, target: Tensor) -> None:
     if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0]:
-        raise ValueError(f"expected logits [B,K,h,w] and target [B,H,W], got {tuple(logits.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"expected logits [B,K,h,w] and target [B,H,W], got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
@@ -136,8 +137,10 @@ def structure_kl(teacher_logits: Tensor, student_logits: Tensor, valid: Tensor |
     input must be log-probabilities. Empty prototypes (``-inf`` logits in both) contribute ``0 log 0 = 0``.
     """
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
-                         "logits must have the same shape")
+        raise ValueError(
+            f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
+            "logits must have the same shape"
+        )
     b, _, h, w = student_logits.shape
     log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
     log_s = F.log_softmax(student_logits.float(), dim=1)
@@ -185,8 +188,9 @@ def lsgan_d_loss(d_out_real: Tensor, d_out_fake: Tensor) -> Tensor:
     """
     real = d_out_real.float()
     fake = d_out_fake.float()
-    return 0.5 * (F.mse_loss(real, torch.full_like(real, SOURCE_LABEL))
-                  + F.mse_loss(fake, torch.full_like(fake, TARGET_LABEL)))
+    return 0.5 * (
+        F.mse_loss(real, torch.full_like(real, SOURCE_LABEL)) + F.mse_loss(fake, torch.full_like(fake, TARGET_LABEL))
+    )
 
 
 def lsgan_g_loss(d_out_fake_as_real: Tensor) -> Tensor:

@@ -197,9 +197,7 @@ class ProDAHead(nn.Module):
     ) -> None:
         super().__init__()
         self.dilations = tuple(int(d) for d in dilations)
-        branches = [
-            nn.Sequential(nn.Conv2d(in_channels, feat_dim, 1), _gn(feat_dim, gn_groups), nn.ReLU(True))
-        ]
+        branches = [nn.Sequential(nn.Conv2d(in_channels, feat_dim, 1), _gn(feat_dim, gn_groups), nn.ReLU(True))]
         for d in self.dilations:
             conv = nn.Conv2d(in_channels, feat_dim, 3, padding=d, dilation=d)
             branches.append(nn.Sequential(conv, _gn(feat_dim, gn_groups), nn.ReLU(True)))
@@ -429,9 +427,7 @@ class Discriminator(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ optimisation utils
-def param_groups(
-    model: SegModel, lr: float, head_lr_mult: float, weight_decay: float
-) -> list[dict[str, Any]]:
+def param_groups(model: SegModel, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
     """SGD groups: backbone at ``lr``, head at ``lr·head_lr_mult``; frozen params and empty groups skipped.
 
     Each group records "base_lr" so ``set_lr`` can apply the poly schedule from it.

@@ -31,9 +31,7 @@ def _no_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def proto_logits(
-    feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None
-) -> Tensor:
+def proto_logits(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None) -> Tensor:
     """Prototype logits ``-||f - eta_k||_2 / tau``, ``[B, K, h, w]``.
 
     ``valid_protos`` ([K] bool) marks initialised prototypes; the others get ``-inf`` so they vanish from a
@@ -44,8 +42,7 @@ def proto_logits(
     1e-12 before the square root so the gradient stays finite when a feature sits on a prototype.
     """
     if feat.dim() != 4 or protos.dim() != 2 or feat.shape[1] != protos.shape[1]:
-        raise ValueError(f"expected feat [B,D,h,w] and protos [K,D], got {tuple(feat.shape)} and "
-                         f"{tuple(protos.shape)}")
+        raise ValueError(f"expected feat [B,D,h,w] and protos [K,D], got {tuple(feat.shape)} and {tuple(protos.shape)}")
     with _no_autocast(feat.device):
         eta = protos.to(device=feat.device, dtype=torch.float32)
         # Distances are translation invariant: centring on the prototypes' mean shrinks the norms and with
@@ -53,8 +50,11 @@ def proto_logits(
         centre = eta.mean(dim=0)
         eta = eta - centre
         f = feat.float() - centre.view(1, -1, 1, 1)
-        sq = (f * f).sum(dim=1, keepdim=True) - 2.0 * torch.einsum("bdhw,kd->bkhw", f, eta) \
+        sq = (
+            (f * f).sum(dim=1, keepdim=True)
+            - 2.0 * torch.einsum("bdhw,kd->bkhw", f, eta)
             + (eta * eta).sum(dim=1).view(1, -1, 1, 1)
+        )
         logits = -sq.clamp_min(1e-12).sqrt() / tau
         if valid_protos is not None:
             valid_protos = valid_protos.to(device=f.device, dtype=torch.bool)
@@ -64,9 +64,7 @@ def proto_logits(
         return logits
 
 
-def proto_weights(
-    feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None
-) -> Tensor:
+def proto_weights(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None) -> Tensor:
     """Prototype weights ``omega = softmax_k(-||f - eta_k|| / tau)``, ``[B, K, h, w]`` (float32)."""
     return F.softmax(proto_logits(feat, protos, tau, valid_protos), dim=1)
 
@@ -90,8 +88,9 @@ def rectify(
       rectified distribution is then all zeros.
     """
     if soft_pseudo.shape != weights.shape or soft_pseudo.dim() != 4:
-        raise ValueError(f"soft_pseudo {tuple(soft_pseudo.shape)} and weights {tuple(weights.shape)} must be "
-                         "equal [B,K,h,w] shapes")
+        raise ValueError(
+            f"soft_pseudo {tuple(soft_pseudo.shape)} and weights {tuple(weights.shape)} must be equal [B,K,h,w] shapes"
+        )
     with _no_autocast(soft_pseudo.device):
         prod = weights.float() * soft_pseudo.float()
         total = prod.sum(dim=1, keepdim=True)
@@ -119,10 +118,11 @@ def class_feature_sums(
     present in an image only if it has at least ``max(min_pixels, 1)`` pixels (ProDA: 10). Means of absent
     classes are meaningless (0 or a mean over too few pixels) and must be masked with ``present``.
     """
-    if feat.dim() != 4 or labels.dim() != 3 or feat.shape[0] != labels.shape[0] \
-            or feat.shape[2:] != labels.shape[1:]:
-        raise ValueError(f"expected feat [B,D,h,w] and labels [B,h,w] of the same size, got "
-                         f"{tuple(feat.shape)} and {tuple(labels.shape)}")
+    if feat.dim() != 4 or labels.dim() != 3 or feat.shape[0] != labels.shape[0] or feat.shape[2:] != labels.shape[1:]:
+        raise ValueError(
+            f"expected feat [B,D,h,w] and labels [B,h,w] of the same size, got "
+            f"{tuple(feat.shape)} and {tuple(labels.shape)}"
+        )
     labels = labels.to(device=feat.device, dtype=torch.long)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
@@ -240,8 +240,10 @@ class PrototypeBank(nn.Module):
             msg = f"{path}: not a prototype file (needs protos, initialized, class_names)"
             raise ValueError(msg) from exc
         if protos.dim() != 2 or protos.shape[0] != len(names) or initialized.shape != (protos.shape[0],):
-            raise ValueError(f"{path}: inconsistent prototype file: protos {tuple(protos.shape)}, "
-                             f"initialized {tuple(initialized.shape)}, {len(names)} class names")
+            raise ValueError(
+                f"{path}: inconsistent prototype file: protos {tuple(protos.shape)}, "
+                f"initialized {tuple(initialized.shape)}, {len(names)} class names"
+            )
         if num_classes is not None and len(names) != num_classes:
             raise ValueError(f"{path}: prototype file has {len(names)} classes, expected {num_classes}")
         bank = cls(protos.shape[0], protos.shape[1], class_names=names)

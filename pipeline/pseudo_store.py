@@ -114,9 +114,7 @@ class PseudoLabelWriter:
         if soft_dtype not in SOFT_DTYPES:
             raise ValueError(f"soft_dtype must be one of {SOFT_DTYPES}, got {soft_dtype!r}")
         if not 0 < self.num_classes < IGNORE_LABEL:
-            raise ValueError(
-                f"need 1..{IGNORE_LABEL - 1} classes ({IGNORE_LABEL} is ignore), got {self.num_classes}"
-            )
+            raise ValueError(f"need 1..{IGNORE_LABEL - 1} classes ({IGNORE_LABEL} is ignore), got {self.num_classes}")
         if len(set(self.ids)) != len(self.ids):
             dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
             raise ValueError(f"duplicate image ids (lookup is by id): {dup}")
@@ -229,8 +227,7 @@ class PseudoLabelWriter:
         b = t.shape[0] if t.ndim else 0
         if t.ndim != 4 or tuple(t.shape[1:]) != (self.num_classes, self.height, self.width):
             raise ValueError(
-                f"expected probabilities [B, {self.num_classes}, {self.height}, {self.width}], "
-                f"got {tuple(t.shape)}"
+                f"expected probabilities [B, {self.num_classes}, {self.height}, {self.width}], got {tuple(t.shape)}"
             )
         if not t.is_floating_point():
             raise TypeError(f"probabilities must be floating point, got {t.dtype}")
@@ -251,9 +248,7 @@ class PseudoLabelWriter:
             if not math.isfinite(cmax):
                 raise ValueError(f"non-finite probabilities in the batch starting at index {start_index}")
             if cmax > 1.0 + 1e-3:
-                raise ValueError(
-                    f"max probability {cmax:.3f} > 1 at index {start_index}: logits, not softmax?"
-                )
+                raise ValueError(f"max probability {cmax:.3f} > 1 at index {start_index}: logits, not softmax?")
             soft = None
             if self.store_soft:
                 if self.soft_dtype == "uint8":
@@ -294,9 +289,7 @@ class PseudoLabelWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"writing pseudo-label store {self.path} failed in the writer thread") from (
-                self._error
-            )
+            raise RuntimeError(f"writing pseudo-label store {self.path} failed in the writer thread") from (self._error)
 
 
 class PseudoLabelStore:
@@ -432,9 +425,7 @@ class PseudoLabelStore:
         }
         if "soft" in self._arrays:
             soft = np.asarray(self._arrays["soft"][i])
-            out["soft"] = (
-                soft.astype(np.float32) / 255.0 if soft.dtype == np.uint8 else soft.astype(np.float32)
-            )
+            out["soft"] = soft.astype(np.float32) / 255.0 if soft.dtype == np.uint8 else soft.astype(np.float32)
         return out
 
     def check_matches(self, ids: Sequence[str], class_names: Sequence[str]) -> None:
@@ -452,8 +443,6 @@ class PseudoLabelStore:
         self._ensure_open()
         missing = [i for i in ids if i not in self._index]
         if missing:
-            problems.append(
-                f"lacks {len(missing)} of the dataset's {len(ids)} ids (first: {', '.join(missing[:3])})"
-            )
+            problems.append(f"lacks {len(missing)} of the dataset's {len(ids)} ids (first: {', '.join(missing[:3])})")
         if problems:
             raise ValueError(f"pseudo-label store {self.path} " + "; ".join(problems))

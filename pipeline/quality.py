@@ -180,9 +180,7 @@ def evaluate_store_quality(
     ``gt_loader(id)`` returns the ground-truth train-id map [H, W] of an image, or None when it has none.
     """
     if store.num_classes != len(class_names):
-        raise ValueError(
-            f"pseudo-label store {store.path} has {store.num_classes} classes, got {len(class_names)}"
-        )
+        raise ValueError(f"pseudo-label store {store.path} has {store.num_classes} classes, got {len(class_names)}")
     ids = store.ids  # opens the store in this thread before loader threads use it
     acc = QualityAccumulator(len(class_names), threshold)
     without_gt = 0

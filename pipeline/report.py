@@ -28,6 +28,7 @@ from pipeline.checkpoint import CheckpointError
 from pipeline.config import Params
 from pipeline.datasets import SegDataset
 from pipeline.engine import evaluate, predict_logits
+from pipeline.inference import gt_loader
 from pipeline.labels import IGNORE_INDEX, palette
 from pipeline.metrics import ConfusionMatrix
 from pipeline.pseudo_store import PseudoLabelStore
@@ -212,20 +213,6 @@ def evaluate_stage(
             res.best_miou = round(100.0 * evaluate(best, val, ctx.num_classes, ctx.info, batch_size).miou(), 4)
             del best
     return res
-
-
-def gt_loader(ctx: Context):
-    """Target-train ground truth by id (None for images without labels), and the dataset's ids."""
-    ds = dataset(ctx, "target_train", with_labels=True)
-    by_id = {r.id: i for i, r in enumerate(ds.records)}
-
-    def load(image_id: str) -> np.ndarray | None:
-        i = by_id.get(image_id)
-        if i is None or ds.records[i].label is None:
-            return None
-        return ds.load(i)["label"].numpy()
-
-    return load, ds.ids
 
 
 def pseudo_label_quality(ctx: Context, stores: Sequence[PseudoStore]) -> tuple[dict[str, dict], list[str]]:

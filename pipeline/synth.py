@@ -421,9 +421,7 @@ class _Scene:
         self.dl.line(pts, fill=ID[name], width=wpx)
         self.dc.line(pts, fill=c, width=wpx)
 
-    def rect_bb(
-        self, name: str, c: RGB, x: float, z: float, u0: float, u1: float, v0: float, v1: float
-    ) -> None:
+    def rect_bb(self, name: str, c: RGB, x: float, z: float, u0: float, u1: float, v0: float, v1: float) -> None:
         self.poly(name, c, self.bb(x, z, [(u0, v0), (u1, v0), (u1, v1), (u0, v1)]))
 
     def circle_bb(
@@ -757,9 +755,7 @@ class _Painter:
             sc.poly(
                 "car",
                 glass,
-                sc.bb(
-                    x, z, [(d * u, v) for u, v in [(1.25, 0.98), (0.75, 1.38), (-0.9, 1.38), (-1.5, 0.98)]]
-                ),
+                sc.bb(x, z, [(d * u, v) for u, v in [(1.25, 0.98), (0.75, 1.38), (-0.9, 1.38), (-1.5, 0.98)]]),
             )
             for u in (-1.35, 1.35):
                 sc.circle_bb("car", tyre, x, z, d * u, 0.33, 0.33)
@@ -784,9 +780,7 @@ class _Painter:
         tyre, glass = sc.colour("tyre", jitter=4), sc.colour("glass", jitter=8)
         if side_view:
             d = 1 if self.rng.uniform() < 0.5 else -1
-            sc.poly(
-                "truck", box, sc.bb(x, z, [(d * -4.2, 0.8), (d * 1.8, 0.8), (d * 1.8, 3.8), (d * -4.2, 3.8)])
-            )
+            sc.poly("truck", box, sc.bb(x, z, [(d * -4.2, 0.8), (d * 1.8, 0.8), (d * 1.8, 3.8), (d * -4.2, 3.8)]))
             sc.poly(
                 "truck",
                 col,
@@ -1048,9 +1042,7 @@ class _Painter:
         for _ in range(int(rng.integers(3, 6))):
             cx, cy = sc.p(x + rng.uniform(-1, 1), hgt * rng.uniform(0.6, 0.85), z)
             rx = sc.f * rng.uniform(1.0, 2.2) / z
-            sc.ellipse(
-                "vegetation", sc.tint(col, rng.uniform(0.85, 1.15)), cx, cy, rx, rx * rng.uniform(0.8, 1.2)
-            )
+            sc.ellipse("vegetation", sc.tint(col, rng.uniform(0.85, 1.15)), cx, cy, rx, rx * rng.uniform(0.8, 1.2))
 
     def clutter(self, x: float, z: float) -> None:
         """Bins and benches: 'static', an ignored Cityscapes class."""
@@ -1067,10 +1059,7 @@ class _Painter:
         sc = self.sc
         hb = sc.style.ego_vehicle * sc.h
         xs = np.linspace(0, sc.w, 17)
-        top = [
-            (float(xx), float(sc.h - hb * (0.6 + 0.4 * (1 - ((xx - sc.w / 2) / (sc.w / 2)) ** 2))))
-            for xx in xs
-        ]
+        top = [(float(xx), float(sc.h - hb * (0.6 + 0.4 * (1 - ((xx - sc.w / 2) / (sc.w / 2)) ** 2)))) for xx in xs]
         sc.poly("ego vehicle", sc.colour("ego vehicle", jitter=4), [(0, sc.h), *top, (sc.w, sc.h)])
 
 
@@ -1105,9 +1094,7 @@ def _finish(rgb: Image.Image, lab: np.ndarray, style: SynthStyle, rng: np.random
         for _ in range(int(rng.integers(1, 4))):
             x0, x1 = sorted(rng.uniform(-0.3 * w, 1.3 * w, 2))
             y0 = rng.uniform(0.3 * h, h)
-            dr.polygon(
-                [(x0, y0), (x1, y0), (x1 + rng.uniform(-0.3, 0.3) * w, h), (x0 - 0.2 * w, h)], fill=255
-            )
+            dr.polygon([(x0, y0), (x1, y0), (x1 + rng.uniform(-0.3, 0.3) * w, h), (x0 - 0.2 * w, h)], fill=255)
         m = np.asarray(sh.filter(ImageFilter.GaussianBlur(max(0.5, 0.01 * w))), dtype=np.float32) / 255.0
         img = img * (1.0 - style.shadow_strength * m)[..., None]
     gain = style.brightness * (1.0 + style.brightness_jitter * rng.standard_normal())
@@ -1128,9 +1115,7 @@ def render(cfg: SynthConfig, domain: str, split: str, index: int) -> tuple[np.nd
     Depends only on (cfg.seed, domain, split, index) and the domain's style: splits can grow stably.
     """
     style = cfg.source_style if domain == "source" else cfg.target_style
-    rng = np.random.default_rng(
-        np.random.SeedSequence([cfg.seed, DOMAIN_CODE[domain], SPLIT_CODE[split], index])
-    )
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, DOMAIN_CODE[domain], SPLIT_CODE[split], index]))
     sc = _Scene(cfg.height, cfg.width, style, _domain_offsets(style), rng)
     _Painter(sc, FORCED_ROTATION[index % len(FORCED_ROTATION)]).paint()
     lab = np.asarray(sc.lab, dtype=np.uint8).copy()

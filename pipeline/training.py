@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
 from pipeline.engine import FitResult, Stream, Task, evaluate, fit
+from pipeline.losses import cross_entropy
 from pipeline.metrics import write_per_class_csv
 from pipeline.runtime import Context, dataset, save_model, write_json
 from pipeline.views import StrongViewConfig, WeakViewConfig, make_weak_view
@@ -43,6 +45,27 @@ class WeakTransform:
         if v.label is not None:
             out["label"] = v.label
         return out
+
+
+def joint_forward(net: nn.Module, src: dict, tgt: dict, target_scale: float, source_ce) -> tuple:
+    """One student forward over source + target views (a single DDP forward, shared BN statistics).
+
+    Returns target logits and features upsampled to `target_scale` of the crop, that size, and the weighted
+    source CE (0 when `source_ce.enabled` is false) with its log entry.
+    """
+    n = src["image"].shape[0]
+    crop = tgt["image"].shape[-2:]
+    out_size = (max(1, round(crop[0] * target_scale)), max(1, round(crop[1] * target_scale)))
+    logits, feats = net(torch.cat([src["image"], tgt["image"]]))
+    logs: dict[str, float] = {}
+    total = logits.new_zeros(())
+    if source_ce.enabled:
+        ce = cross_entropy(logits[:n], src["label"])
+        total = total + source_ce.weight * ce
+        logs["src_ce"] = ce.item()
+    t_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+    t_feats = F.interpolate(feats[n:].float(), size=out_size, mode="bilinear", align_corners=False)
+    return t_logits, t_feats, out_size, total, logs
 
 
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:

@@ -44,7 +44,11 @@ def test_default_and_presets_load():
         ("warmup.view.crop", [512, 512], r"warmup\.view\.crop: crop \[512, 512\] is larger than the source image"),
         ("adapt.tau", 0, r"adapt\.tau: Input should be greater than 0"),
         ("adapt.ema_momentum", 1.5, r"adapt\.ema_momentum: Input should be less than or equal to 1"),
-        ("data.embedded.target_style", {"fog": 1}, r"data\.embedded\.target_style: .*unknown style knob\(s\) \['fog'\]"),
+        (
+            "data.embedded.target_style",
+            {"fog": 1},
+            r"data\.embedded\.target_style: .*unknown style knob\(s\) \['fog'\]",
+        ),
         ("distill.rounds", {"1": {"teacher": "models/warmup"}}, r"rounds\.1\.teacher: round 1 reads its teacher"),
         ("data.source.root", "elsewhere", r"data\.source: with data\.embedded set"),
     ],

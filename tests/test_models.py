@@ -57,15 +57,9 @@ def test_output_stride_32_and_non_divisible_input() -> None:
 def test_dilation_plan_at_stride_8() -> None:
     bb = _tiny("resnet50", output_stride=8).backbone
     # Every 3x3 conv of layer3 is dilated by 2 and of layer4 by 4; no stride after layer2.
-    assert {
-        m.dilation for m in bb.layer3.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
-    } == {(2, 2)}
-    assert {
-        m.dilation for m in bb.layer4.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)
-    } == {(4, 4)}
-    strides = {
-        m.stride for layer in (bb.layer3, bb.layer4) for m in layer.modules() if isinstance(m, nn.Conv2d)
-    }
+    assert {m.dilation for m in bb.layer3.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)} == {(2, 2)}
+    assert {m.dilation for m in bb.layer4.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)} == {(4, 4)}
+    strides = {m.stride for layer in (bb.layer3, bb.layer4) for m in layer.modules() if isinstance(m, nn.Conv2d)}
     assert strides == {(1, 1)}
 
 

@@ -32,12 +32,32 @@ def repo(tmp_path_factory) -> Path:
 def test_repro_runs_every_stage(repo: Path) -> None:
     out = repo.joinpath("first_repro.log").read_text()
     stages = ran_stages(out)
-    expected = {"generate", "prepare", "warmup", "oracle", "pseudo_label", "prototypes", "adapt", "teacher@1",
-                "distill@1", "evaluate"}
+    expected = {
+        "generate",
+        "prepare",
+        "warmup",
+        "oracle",
+        "pseudo_label",
+        "prototypes",
+        "adapt",
+        "teacher@1",
+        "distill@1",
+        "evaluate",
+    }
     assert expected <= stages, out[-2000:]
-    for path in ["models/warmup/last.pt", "models/oracle/last.pt", "models/adapt/last.pt", "models/adapt/prototypes.pt",
-                 "models/distill_1/last.pt", "models/prototypes.pt", "pseudo/warmup.zarr", "pseudo/teacher_1.zarr",
-                 "metrics/evaluate.json", "reports/report.md", "plots/adapt/train.csv"]:
+    for path in [
+        "models/warmup/last.pt",
+        "models/oracle/last.pt",
+        "models/adapt/last.pt",
+        "models/adapt/prototypes.pt",
+        "models/distill_1/last.pt",
+        "models/prototypes.pt",
+        "pseudo/warmup.zarr",
+        "pseudo/teacher_1.zarr",
+        "metrics/evaluate.json",
+        "reports/report.md",
+        "plots/adapt/train.csv",
+    ]:
         assert (repo / path).exists(), path
     # Only rank-0 style outputs; no leftover resume state or temporary stores after success.
     assert not (repo / ".resume" / "adapt").exists()

@@ -189,9 +189,7 @@ def test_store_from_another_dataset_rejected(tmp_path):
         store.check_matches(IDS, NAMES[:3])
     with pytest.raises(ValueError, match=r"class 3 is 'car', dataset's is 'truck'"):
         store.check_matches(IDS, NAMES[:3] + ["truck"])
-    with pytest.raises(
-        ValueError, match=r"pl.zarr lacks 2 of the dataset's 3 ids \(first: gta/00001, gta/00002"
-    ):
+    with pytest.raises(ValueError, match=r"pl.zarr lacks 2 of the dataset's 3 ids \(first: gta/00001, gta/00002"):
         store.check_matches([IDS[0], "gta/00001", "gta/00002"], NAMES)
 
 

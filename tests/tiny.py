@@ -16,8 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _optim(iters: int, **kw: Any) -> dict:
-    return {"iters": iters, "batch_size": 2, "lr": 0.01, "head_lr_mult": 1.0, "eval_every": 0, "ckpt_every": 2,
-            "log_every": 1, **kw}
+    return {
+        "iters": iters,
+        "batch_size": 2,
+        "lr": 0.01,
+        "head_lr_mult": 1.0,
+        "eval_every": 0,
+        "ckpt_every": 2,
+        "log_every": 1,
+        **kw,
+    }
 
 
 VIEW = {"crop": [32, 32], "scale_range": [0.9, 1.1]}
@@ -26,25 +34,43 @@ TINY: dict[str, Any] = {
     "base": {"seed": 0, "device": "cpu", "threads": 1},
     "data": {
         "embedded": {
-            "seed": 0, "height": 32, "width": 64, "n_source": 6, "n_target_train": 6, "n_target_val": 2,
-            "source_style": {}, "target_style": {},
+            "seed": 0,
+            "height": 32,
+            "width": 64,
+            "n_source": 6,
+            "n_target_train": 6,
+            "n_target_val": 2,
+            "source_style": {},
+            "target_style": {},
         },
         "source": {"kind": "gta5", "root": "data/embedded/source"},
         "target": {"kind": "cityscapes", "root": "data/embedded/target"},
         "num_classes": 19,
         "num_workers": 0,
     },
-    "model": {"backbone": "resnet18", "width": 8, "output_stride": 8, "feat_dim": 16, "head_dilations": [1, 2, 3, 4],
-              "gn_groups": 8, "se_reduction": 4},
+    "model": {
+        "backbone": "resnet18",
+        "width": 8,
+        "output_stride": 8,
+        "feat_dim": 16,
+        "head_dilations": [1, 2, 3, 4],
+        "gn_groups": 8,
+        "se_reduction": 4,
+    },
     "warmup": {"optim": _optim(4), "view": VIEW, "adversarial": {"enabled": False, "ndf": 8}},
     "oracle": {"optim": _optim(2), "view": VIEW},
     "pseudo_label": {"batch_size": 4},
     "prototypes": {"min_pixels": 1, "batch_size": 4},
-    "adapt": {"optim": _optim(3, lr=0.002), "view": VIEW, "ema_momentum": 0.9, "proto_momentum": 0.9,
-              "min_pixels": 1},
+    "adapt": {"optim": _optim(3, lr=0.002), "view": VIEW, "ema_momentum": 0.9, "proto_momentum": 0.9, "min_pixels": 1},
     "teacher": {"batch_size": 4},
-    "distill": {"rounds": {"1": {"teacher": "models/adapt"}}, "optim": _optim(2), "view": VIEW, "conf_threshold": 0.95,
-                "kd_beta": 1.0, "student_init": "scratch"},
+    "distill": {
+        "rounds": {"1": {"teacher": "models/adapt"}},
+        "optim": _optim(2),
+        "view": VIEW,
+        "conf_threshold": 0.95,
+        "kd_beta": 1.0,
+        "student_init": "scratch",
+    },
     "evaluate": {"batch_size": 4, "n_overlays": 2},
 }
 
