@@ -25,6 +25,7 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdaptParams, StrongParams
 from pipeline.engine import _autocast, build_optimizer, collate
+from pipeline.labels import IGNORE_INDEX as IGNORE
 from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.models import ModelEMA, param_groups
 from pipeline.prototypes import PrototypeBank, proto_logits, rectify
@@ -41,8 +42,6 @@ from pipeline.training import (
     wrap_ddp,
 )
 from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
-
-IGNORE = 255
 
 
 class TargetViews:

@@ -16,6 +16,7 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import DistillParams
 from pipeline.engine import build_optimizer
+from pipeline.labels import IGNORE_INDEX as IGNORE
 from pipeline.losses import kd_kl, masked_ce_hard
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.pseudo_store import PseudoLabelStore
@@ -30,8 +31,6 @@ from pipeline.training import (
     wrap_ddp,
 )
 from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
-
-IGNORE = 255
 
 
 class TeacherViews:
