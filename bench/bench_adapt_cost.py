@@ -88,7 +88,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Times `spec['task']` on `spec['config']`; runs in its own process."""
     from pipeline.adapt import ProDATask
     from pipeline.distributed import DistInfo
-    from pipeline.engine import _autocast
+    from pipeline.engine import autocast
     from pipeline.labels import class_names
     from pipeline.prototypes import PrototypeBank
     from pipeline.runtime import Context, new_model
@@ -113,7 +113,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     amp = spec["amp"]
 
     def step() -> None:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             loss, _ = task.loss(batch, 0)
         loss.backward()
         for o in task.optimizers().values():

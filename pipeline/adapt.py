@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdaptParams, StrongParams
-from pipeline.engine import _autocast, build_optimizer, collate
+from pipeline.engine import autocast, build_optimizer, collate
 from pipeline.labels import IGNORE_INDEX as IGNORE
 from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.models import ModelEMA, param_groups
@@ -107,7 +107,7 @@ class ProDATask:
 
         with torch.no_grad():
             ema = self.ema.module
-            with _autocast(self.ctx.info.device, p.optim.amp):
+            with autocast(self.ctx.info.device, p.optim.amp):
                 _, f_full = ema(tgt["full"].float() / 255.0)
                 w_logits, w_feat = ema(tgt["weak_image"])
             f_full, w_feat, w_logits = f_full.float(), w_feat.float(), w_logits.float()
@@ -168,7 +168,7 @@ def rectified_quality(ctx: Context, task: ProDATask, store_path: Path, threshold
     for start in range(0, len(gt_ds), bs):
         samples = [gt_ds.load(i) for i in range(start, min(start + bs, len(gt_ds)))]
         batch = collate(samples)
-        with _autocast(ctx.info.device, True):
+        with autocast(ctx.info.device, True):
             feat = ema(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
         soft = torch.stack([torch.from_numpy(store.get(i)["soft"]) for i in batch["id"]]).to(feat.device)
         omega = torch.softmax(proto_logits(feat, task.bank.protos, task.p.tau, task.bank.initialized), dim=1)

@@ -209,20 +209,16 @@ def index_seed(seed: int, index: int, epoch: int = 0) -> int:
 
 
 # -------------------------------------------------------------------------------------------- manifest
-def validate_and_count(records: Sequence[Record], mapper: LabelMapper, image_size=None) -> np.ndarray:
+def validate_and_count(records: Sequence[Record], mapper: LabelMapper) -> np.ndarray:
     """Reads every image and label (catching truncated files and foreign IDs); per-class pixel counts."""
     counts = np.zeros(mapper.num_classes + 1, dtype=np.int64)  # last bin: ignore
     for rec in records:
-        read_image(rec.image)
+        h, w = read_image(rec.image).shape[:2]
         if rec.label is None:
             continue
         lab = mapper.read(rec.label, check=True)
-        with Image.open(rec.image) as im:
-            if im.size != (lab.shape[1], lab.shape[0]):
-                raise DatasetError(
-                    f"label {rec.label} is {lab.shape[1]}x{lab.shape[0]}, its image {rec.image} is "
-                    f"{im.size[0]}x{im.size[1]}"
-                )
+        if lab.shape != (h, w):
+            raise DatasetError(f"label {rec.label} is {lab.shape[1]}x{lab.shape[0]}, its image {rec.image} is {w}x{h}")
         c = np.bincount(np.minimum(lab.reshape(-1), mapper.num_classes), minlength=mapper.num_classes + 1)
         counts += c
     return counts

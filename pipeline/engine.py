@@ -171,7 +171,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
     for start in range(0, len(indices), batch_size):
         samples = [dataset[i] for i in indices[start : start + batch_size]]
         batch = collate(samples)
-        with _autocast(info.device, True):
+        with autocast(info.device, True):
             logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
         cm.update(logits.argmax(1).cpu(), batch["label"])
     counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
@@ -180,7 +180,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
     return cm
 
 
-def _autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool):
     # bf16 needs no loss scaling, so no GradScaler state exists to checkpoint.
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
@@ -244,7 +244,6 @@ def fit(
     evaluator: Callable[[nn.Module], dict] | None,
     loss_names: list[str],
     export: Callable[[str, nn.Module, dict | None], None],
-    extra_state: Callable[[], dict] | None = None,
 ) -> FitResult:
     """Runs `p.iters` optimiser steps of `task`; writes model files via `export("last"|"best", model, metrics)`.
 
@@ -286,7 +285,7 @@ def fit(
         logs_sum = {}
         for _ in range(p.accum_steps):
             batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
-            with _autocast(info.device, p.amp):
+            with autocast(info.device, p.amp):
                 loss, logs = task.loss(batch, it)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.datasets import SegDataset
-from pipeline.engine import _autocast, collate
+from pipeline.engine import autocast, collate
 from pipeline.prototypes import PrototypeAccumulator, PrototypeBank
 from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter, sha256_file
 from pipeline.quality import evaluate_store_quality, write_quality
@@ -27,7 +27,7 @@ def _loader(ds: SegDataset, batch_size: int, workers: int) -> torch.utils.data.D
 def softmax_at_stride(model: nn.Module, images: torch.Tensor, flip: bool, amp: bool = True) -> torch.Tensor:
     """Softmax at the network's output resolution; with `flip`, averaged with the flipped image's (un-flipped)."""
     x = images.float() / 255.0
-    with _autocast(images.device, amp):
+    with autocast(images.device, amp):
         prob = F.softmax(model(x)[0].float(), dim=1)
         if flip:
             prob = 0.5 * (prob + F.softmax(model(x.flip(-1))[0].float(), dim=1).flip(-1))
@@ -127,7 +127,7 @@ def init_prototypes(
     store.check_matches(ds.ids, ctx.class_names)
     acc = PrototypeAccumulator(ctx.num_classes, model.feat_dim, device=ctx.info.device)
     for batch in tqdm(_loader(ds, batch_size, ctx.params.data.num_workers), desc=ctx.stage, dynamic_ncols=True):
-        with _autocast(ctx.info.device, True):
+        with autocast(ctx.info.device, True):
             feat = model(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
         labels = torch.stack([torch.from_numpy(store.get(i)["label"].astype(np.int64)) for i in batch["id"]])
         if labels.shape[-2:] != feat.shape[-2:]:
