@@ -11,6 +11,7 @@ Stages run with the caller's environment: when PREFECT_API_URL points at a live 
 Prefect reporting (the JSON records whether it was set).
 
     python bench/bench_pipeline.py [--out bench/results/pipeline.json] [--workdir DIR] [--until STAGE]
+    python bench/bench_pipeline.py --reuse DIR    # a finished workspace (e.g. a bench_accuracy seed): steps 2-3 only
 """
 
 from __future__ import annotations
@@ -55,25 +56,30 @@ def prefect_overhead(modes: list[str], repeat: int) -> dict:
 def main() -> None:
     ap = parser(__doc__, "pipeline")
     ap.add_argument("--workdir", type=Path, help="new or empty folder for the workspace (default: a temp dir, kept)")
+    ap.add_argument("--reuse", type=Path, help="finished workspace: skip the full repro, measure no-op + Prefect")
     ap.add_argument("--until", help="`dvc repro STAGE`: that stage and its upstream only (default: the whole DAG)")
     ap.add_argument("--noop-repeat", type=int, default=3, help="no-op `dvc repro` runs (median reported)")
     ap.add_argument("--prefect-repeat", type=int, default=7, help="runs per Prefect cell; 0 skips Prefect")
     ap.add_argument("--prefect-modes", nargs="+", choices=MODES, default=list(MODES))
     args = ap.parse_args()
 
-    root = make_workspace(keep_dir(args.workdir, "pipeline"), bench_params(args.tiny))
-    print(f"workspace: {root}", flush=True)
     targets = [args.until] if args.until else []
-    full = timed_repro(root, targets, log=root / "repro.log")
+    if args.reuse:
+        root, full = args.reuse.resolve(), None
+    else:
+        root = make_workspace(keep_dir(args.workdir, "pipeline"), bench_params(args.tiny))
+        print(f"workspace: {root}", flush=True)
+        full = timed_repro(root, targets, log=root / "repro.log")
     noop = noop_repro(root, args.noop_repeat, targets) if args.noop_repeat > 0 else None
     prefect = prefect_overhead(args.prefect_modes, args.prefect_repeat) if args.prefect_repeat > 0 else None
 
-    total = full["total_s"]
-    rows = [[name, f"{s:.1f}", f"{100 * s / total:.0f}%"] for name, s in full["stages"].items()]
-    dvc_s = full["dvc_overhead_s"]
-    rows += [["(dvc start-up and checks)", f"{dvc_s:.1f}", f"{100 * dvc_s / total:.0f}%"]]
-    rows += [["total `dvc repro`", f"{total:.1f}", "100%"]]
-    print(table(["stage", "wall s", "share"], rows))
+    if full:
+        total = full["total_s"]
+        rows = [[name, f"{s:.1f}", f"{100 * s / total:.0f}%"] for name, s in full["stages"].items()]
+        dvc_s = full["dvc_overhead_s"]
+        rows += [["(dvc start-up and checks)", f"{dvc_s:.1f}", f"{100 * dvc_s / total:.0f}%"]]
+        rows += [["total `dvc repro`", f"{total:.1f}", "100%"]]
+        print(table(["stage", "wall s", "share"], rows))
     if noop:
         print(f"\nno-op `dvc repro`: {noop['median_s']:.2f} s (median of {len(noop['runs_s'])})")
     if prefect:

@@ -47,6 +47,16 @@ def test_pipeline(pipeline) -> None:
     assert data["prefect"]["rows"][0]["mode"] == "no-server-unset"
 
 
+def test_pipeline_reuse(pipeline, tmp_path: Path) -> None:
+    """--reuse measures the no-op repro of a finished workspace without running the stages again."""
+    ws, _ = pipeline
+    out = tmp_path / "reuse.json"
+    bench("bench_pipeline", "--reuse", str(ws), "--until", "warmup", "--prefect-repeat", "0", "--out", str(out))
+    data = result(out, {"repro", "noop_repro", "workspace"})
+    assert data["repro"] is None and data["workspace"] == str(ws.resolve())
+    assert len(data["noop_repro"]["runs_s"]) == 3
+
+
 def test_pseudo_label(pipeline, tmp_path: Path) -> None:
     ws, _ = pipeline
     out = tmp_path / "pl.json"
