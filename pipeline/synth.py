@@ -204,7 +204,7 @@ def target_style() -> SynthStyle:
         texture_strength=0.3,
         noise_std=8.0,
         blur_sigma=0.7,
-        palette_shift=50.0,
+        palette_shift=110.0,
         palette_seed=1,
         saturation=0.7,
         brightness=0.92,
