@@ -1,17 +1,17 @@
 """ProDA stage 1: online prototypical pseudo-label rectification + target structure learning.
 
-Per step (REFERENCE.md, "Online prototypical rectification"):
-- source: CE on a weak view;
-- target: the EMA model sees the full un-augmented image; its features and the FIXED soft pseudo labels
-  p0 (from the zarr store) are warped into the strong view at `target_scale` of the crop; ω = softmax(-d/τ)
-  over prototype distances rectifies p0 (ŷ = argmax ω ⊙ p0), and the student, on the strong view, learns ŷ
-  with symmetric CE;
-- structure learning: KL(z_T || z_T') between prototype assignments of the EMA on the weak view (warped into
-  the strong view) and of the student on the strong view, over valid (non-padded, non-cutout) pixels;
-  the KL is summed over classes per pixel and averaged over valid pixels;
-- regulariser: -mean log p_t over valid pixels and classes;
-- after the optimiser step: EMA update of the model, prototype EMA update (λ) from the EMA's weak-view
-  features with the EMA's argmax as class (invalid pixels ignored), reduced across DDP ranks.
+Per step (REFERENCE.md, "Online prototypical rectification"; forwards as in the public stage 1):
+- source: CE on a weak view, in a forward of its own (BatchNorm never mixes the domains);
+- target: one student forward over the weak view x_t and its strong view T(x_t) (target-only statistics);
+- the EMA model sees the full un-augmented image; its features and the FIXED soft pseudo labels p0 (from the
+  zarr store) are warped into the weak view at `target_scale` of the crop; ω = softmax(-d/τ) over prototype
+  distances rectifies p0 (ŷ = argmax ω ⊙ p0), and the student's weak-view prediction p_t learns ŷ with
+  symmetric CE (paper Eq. 3 uses p_t of x_t), plus the regulariser -mean log p_t (Eq. 7);
+- structure learning: KL(z_T || z_T') between the prototype assignments of the EMA features (warped into the
+  strong view) and of the student's strong-view features, over valid (non-padded, non-cutout) pixels, averaged
+  over pixels and classes (the public code's normalisation, for which γ1 = 10 was tuned);
+- after the optimiser step: EMA update of the model, prototype EMA update (λ) from the EMA's full-image
+  features with the EMA's argmax as class, reduced across DDP ranks.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from pipeline.quality import QualityAccumulator
 from pipeline.runtime import Context, dataset, load_model, manifest_path, write_json
 from pipeline.training import (
     WeakTransform,
-    joint_forward,
     run_training,
+    source_forward,
     stream,
     strong_config,
+    target_size,
+    upsample,
     weak_config,
     wrap_ddp,
 )
@@ -102,46 +104,44 @@ class ProDATask:
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
         p, src, tgt = self.p, batch["source"], batch["target"]
-        s_logits, s_feat, out_size, total, logs = joint_forward(self.net, src, tgt, p.target_scale, p.source_ce)
-        valid = downsample_valid(tgt["valid"], out_size)
+        total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
+        n = tgt["weak_image"].shape[0]
+        out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
+        logits, feats = self.net(torch.cat([tgt["weak_image"], tgt["image"]]))
+        w_logits, s_feat = upsample(logits[:n], out_size), upsample(feats[n:], out_size)
+        w_valid = downsample_valid(tgt["weak_valid"], out_size)
+        s_valid = downsample_valid(tgt["valid"], out_size)
 
         with torch.no_grad():
             ema = self.ema.module
             with autocast(self.ctx.info.device, p.optim.amp):
-                _, f_full = ema(tgt["full"].float() / 255.0)
-                w_logits, w_feat = ema(tgt["weak_image"])
-            f_full, w_feat, w_logits = f_full.float(), w_feat.float(), w_logits.float()
-            # Fixed soft pseudo labels and EMA features, brought into the strong view's geometry.
-            p0 = warp_to_view(tgt["soft"].float(), tgt["coords"], out_size)
-            f_strong = warp_to_view(f_full, tgt["coords"], out_size)
+                e_logits, f_full = ema(tgt["full"].float() / 255.0)
+            e_logits, f_full = e_logits.float(), f_full.float()
             protos, ok = self.bank.protos, self.bank.initialized
-            if p.rectify:
-                omega = torch.softmax(proto_logits(f_strong, protos, p.tau, ok), dim=1)
-                target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, valid)
-            else:
-                target, _ = rectify(p0, torch.ones_like(p0), p.conf_threshold, IGNORE, valid)
+            # Fixed soft pseudo labels and EMA features, brought into the weak view's geometry.
+            p0 = warp_to_view(tgt["soft"].float(), tgt["weak_coords"], out_size)
+            f_weak = warp_to_view(f_full, tgt["weak_coords"], out_size)
+            omega = torch.softmax(proto_logits(f_weak, protos, p.tau, ok), dim=1) if p.rectify else torch.ones_like(p0)
+            target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
             raw = p0.argmax(1)
-            logs["rect_changed"] = float(((raw != target) & valid).float().sum() / valid.sum().clamp(min=1))
-            z_t = warp_to_view(proto_logits(w_feat, protos, p.tau, ok), tgt["coords_in_weak"], out_size)
-            # Prototype update input: the EMA's weak-view features with its own argmax, invalid pixels ignored.
-            w_valid = downsample_valid(tgt["weak_valid"], tuple(w_feat.shape[-2:]))
-            w_lab = torch.where(w_valid, w_logits.argmax(1), torch.full_like(w_valid, IGNORE, dtype=torch.long))
-            self._proto_batch = (w_feat, w_lab)
+            logs["rect_changed"] = float(((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1))
+            # z_T: assignments of the EMA features at the strong view's pixels.
+            z_t = proto_logits(warp_to_view(f_full, tgt["coords"], out_size), protos, p.tau, ok)
+            # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
+            self._proto_batch = (f_full, e_logits.argmax(1))
 
         if p.sce.enabled:
-            t_loss = symmetric_ce(s_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
+            t_loss = symmetric_ce(w_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
         else:
-            t_loss = cross_entropy(s_logits, target, IGNORE)
+            t_loss = cross_entropy(w_logits, target, IGNORE)
         total = total + p.sce.weight * t_loss
         logs["tgt_sce"] = t_loss.item()
         if p.structure_kl.enabled:
-            kl = structure_kl(
-                torch.where(torch.isfinite(z_t), z_t, -1e4), proto_logits(s_feat, protos, p.tau, ok), valid
-            )
+            kl = structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid)
             total = total + p.structure_kl.weight * kl
             logs["kl"] = kl.item()
         if p.regulariser.enabled:
-            reg = entropy_regulariser(s_logits, valid)
+            reg = entropy_regulariser(w_logits, w_valid)
             total = total + p.regulariser.weight * reg
             logs["reg"] = reg.item()
         return total, logs

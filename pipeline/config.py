@@ -179,7 +179,7 @@ class OptimParams(Strict):
     momentum: NonNegFloat = 0.9
     weight_decay: NonNegFloat = 2e-4
     poly_power: NonNegFloat = 0.9
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    amp: bool = True  # bf16 autocast (GPU and CPU)
     eval_every: NonNegInt = 0  # 0: only at the end
     ckpt_every: PosInt = 100
     log_every: PosInt = 10
@@ -197,6 +197,9 @@ class WarmupParams(Strict):
     optim: OptimParams
     view: ViewParams
     adversarial: AdversarialParams = AdversarialParams()
+    # After source training, re-estimate BatchNorm statistics on the unlabelled target train images (AdaBN);
+    # the model as trained is kept as models/warmup/source_only.pt, the report's source-only row.
+    target_bn: bool
 
 
 class OracleParams(Strict):
@@ -240,6 +243,8 @@ class AdaptParams(Strict):
     conf_threshold: Prob = 0.0
     structure_kl: LossSwitch = LossSwitch(weight=10.0)
     regulariser: LossSwitch = LossSwitch(weight=0.1)
+    # BatchNorm running statistics follow the target only (source forwards do not update them).
+    target_bn: bool
 
 
 class TeacherParams(Strict):
@@ -268,6 +273,7 @@ class DistillParams(Strict):
     # "previous": start from the teacher's weights; "pretrained": backbone from model.pretrained_student.
     student_init: Literal["previous", "pretrained", "scratch"] = "previous"
     student_weights: str | None = None
+    target_bn: bool  # as adapt.target_bn
 
     @model_validator(mode="after")
     def _rounds(self) -> DistillParams:

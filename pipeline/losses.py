@@ -130,8 +130,9 @@ def structure_kl(teacher_logits: Tensor, student_logits: Tensor, valid: Tensor |
 
     ``teacher_logits`` (EMA model, weak view, warped into the strong view) and ``student_logits`` (student,
     strong view) are prototype logits ``-||f - eta_k|| / tau`` (see ``prototypes.proto_logits``), both
-    ``[B, K, h, w]``. The per-pixel KL is summed over classes and averaged over the ``valid`` pixels (not
-    padded, not cut out, inside the warped teacher's support). The teacher is detached.
+    ``[B, K, h, w]``. The KL terms are averaged over the ``valid`` pixels (not padded, not cut out, inside the
+    warped teacher's support) *and over the K classes*, i.e. the per-pixel KL divided by K: the public code
+    averages over an [N, K, H, W] mask, and its weight (10) was tuned for that scale. The teacher is detached.
 
     Both distributions come from ``log_softmax``; the public code fed probabilities to ``F.kl_div``, whose
     input must be log-probabilities. Empty prototypes (``-inf`` logits in both) contribute ``0 log 0 = 0``.
@@ -141,10 +142,10 @@ def structure_kl(teacher_logits: Tensor, student_logits: Tensor, valid: Tensor |
             f"teacher {tuple(teacher_logits.shape)} and student {tuple(student_logits.shape)} "
             "logits must have the same shape"
         )
-    b, _, h, w = student_logits.shape
+    b, k, h, w = student_logits.shape
     log_t = F.log_softmax(teacher_logits.detach().float(), dim=1)
     log_s = F.log_softmax(student_logits.float(), dim=1)
-    return _masked_mean(_kl_per_pixel(log_t, log_s), _valid_mask(valid, b, h, w, student_logits.device))
+    return _masked_mean(_kl_per_pixel(log_t, log_s), _valid_mask(valid, b, h, w, student_logits.device)) / k
 
 
 def entropy_regulariser(logits: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -161,7 +162,10 @@ def entropy_regulariser(logits: Tensor, valid: Tensor | None = None) -> Tensor:
 
 
 def kd_kl(teacher_probs: Tensor, student_logits: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Distillation term ``KL(p_teacher || p_student)``, per-pixel sum over classes, mean over valid pixels.
+    """Distillation term ``KL(p_teacher || p_student)``, mean over valid pixels and the K classes.
+
+    Mean over classes too (per-pixel KL / K), as the public code's ``[N, K, H, W]`` mask does, so that its
+    weight (β = 1) keeps its meaning next to the hard-label CE.
 
     ``teacher_probs`` are probabilities ``[B, K, H, W]`` (detached); the student's logits are upsampled to
     the teacher's size if needed and turned into log-probabilities with ``log_softmax`` -- the public code
@@ -170,13 +174,13 @@ def kd_kl(teacher_probs: Tensor, student_logits: Tensor, valid: Tensor | None = 
     """
     if teacher_probs.dim() != 4 or student_logits.dim() != 4:
         raise ValueError("teacher_probs and student_logits must be [B,K,h,w]")
-    b, _, h, w = teacher_probs.shape
+    b, k, h, w = teacher_probs.shape
     log_s = F.log_softmax(_match_size(student_logits, (h, w)), dim=1)
     p_t = teacher_probs.detach().float()
     # xlogy gives 0 log 0 = 0; where() drops classes without teacher mass (the student may be -inf there).
     terms = torch.xlogy(p_t, p_t) - p_t * log_s
     terms = torch.where(p_t > 0, terms, torch.zeros_like(terms))
-    return _masked_mean(terms.sum(dim=1), _valid_mask(valid, b, h, w, student_logits.device))
+    return _masked_mean(terms.sum(dim=1), _valid_mask(valid, b, h, w, student_logits.device)) / k
 
 
 def lsgan_d_loss(d_out_real: Tensor, d_out_fake: Tensor) -> Tensor:

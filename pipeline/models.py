@@ -373,6 +373,58 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+class source_bn_frozen:
+    """Context: BatchNorm layers normalise with the batch's statistics but leave their running ones alone.
+
+    Used for source forwards during adaptation, so the running statistics, which evaluation and inference
+    use, follow the target domain only (domain-specific normalisation; a source + target mixture fits
+    neither).
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
+        self.saved: list[float | None] = []
+
+    def __enter__(self) -> source_bn_frozen:
+        self.saved = [m.momentum for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, mom in zip(self.bns, self.saved, strict=True):
+            m.momentum = mom
+
+
+@torch.no_grad()
+def estimate_bn_stats(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:
+    """Re-estimates every BatchNorm's running mean/var as the plain average over ``batches`` (AdaBN).
+
+    ``batches`` yields float images [B, 3, H, W]; no labels, no parameter changes. Returns the images seen.
+    The model is left in eval mode.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+    model.train()
+    for m in bns:
+        m.train()  # also under freeze_bn, whose train() keeps BatchNorm in eval mode
+    n = 0
+    try:
+        for x in batches:
+            model(x)
+            n += x.shape[0]
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+        model.eval()
+    if n == 0:
+        raise ValueError("estimate_bn_stats: no images")
+    return n
+
+
 class ModelEMA:
     """Momentum (mean-teacher) copy of a model: ema = m·ema + (1−m)·param; buffers (BN stats) are copied."""
 

@@ -34,9 +34,11 @@ def _no_autocast(device: torch.device) -> torch.autocast:
 def proto_logits(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None) -> Tensor:
     """Prototype logits ``-||f - eta_k||_2 / tau``, ``[B, K, h, w]``.
 
-    ``valid_protos`` ([K] bool) marks initialised prototypes; the others get ``-inf`` so they vanish from a
-    softmax. If no prototype is valid the logits are all zeros (a uniform softmax) rather than all ``-inf``
-    (which would be NaN).
+    ``valid_protos`` ([K] bool) marks initialised prototypes. A class without a prototype gets, per pixel, the
+    mean logit of the initialised ones: a finite, neutral weight, so rectification (``argmax omega * p0``)
+    can still choose it where the soft label supports it (a ``-inf`` logit would ban the class for good,
+    and a zero prototype would pretend to be evidence). If no prototype is valid the logits are all zeros
+    (a uniform softmax).
 
     Distances use ``||f||^2 - 2 f.eta + ||eta||^2`` (no ``[B, K, D, h, w]`` difference tensor), clamped at
     1e-12 before the square root so the gradient stays finite when a feature sits on a prototype.
@@ -57,10 +59,10 @@ def proto_logits(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: T
         )
         logits = -sq.clamp_min(1e-12).sqrt() / tau
         if valid_protos is not None:
-            valid_protos = valid_protos.to(device=f.device, dtype=torch.bool)
-            masked = logits.masked_fill(~valid_protos.view(1, -1, 1, 1), float("-inf"))
-            # where() instead of an `if` on .any(): no host-device sync per call.
-            logits = torch.where(valid_protos.any(), masked, torch.zeros_like(logits))
+            vp = valid_protos.to(device=f.device, dtype=torch.bool).view(1, -1, 1, 1)
+            # where() instead of an `if` on .any(): no host-device sync per call; no valid one -> mean 0.
+            mean_valid = torch.where(vp, logits, 0.0).sum(dim=1, keepdim=True) / vp.sum().clamp_min(1)
+            logits = torch.where(vp, logits, mean_valid)
         return logits
 
 

@@ -45,8 +45,13 @@ OVERLAYS_PNG = Path("reports/overlays.png")
 
 OUTPUTS = (METRICS, MIOU_CSV, PER_CLASS_CSV, REPORT_MD, CONFUSION_PNG, CONFUSION_CSV, OVERLAYS_PNG)
 
-WARMUP, ORACLE, ADAPT = "warmup", "oracle", "adapt"
-LABELS = {WARMUP: "warm-up (source only)", ORACLE: "oracle (target labels)", ADAPT: "adapt (ProDA stage 1)"}
+WARMUP, ORACLE, ADAPT, SOURCE_ONLY = "warmup", "oracle", "adapt", "source_only"
+LABELS = {
+    SOURCE_ONLY: "source only",
+    WARMUP: "warm-up",
+    ORACLE: "oracle (target labels)",
+    ADAPT: "adapt (ProDA stage 1)",
+}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -55,14 +60,16 @@ class StageModel:
     name: str  # key in the report (``distill_1``)
     dvc_stage: str  # the dvc.yaml stage that writes it (``distill@1``), for error messages
     dir: Path
+    file: str = "last.pt"  # the model evaluated
+    best_file: str | None = "best.pt"  # its best-on-val companion, if the stage writes one
 
     @property
     def last(self) -> Path:
-        return self.dir / "last.pt"
+        return self.dir / self.file
 
     @property
     def best(self) -> Path:
-        return self.dir / "best.pt"
+        return self.dir / (self.best_file or "")
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,14 @@ class PseudoStore:
 
 
 def stage_models(params: Params) -> list[StageModel]:
-    """The models of a run in report order: warmup, adapt, distill_1..N, oracle."""
-    out = [StageModel(WARMUP, WARMUP, Path("models/warmup")), StageModel(ADAPT, ADAPT, Path("models/adapt"))]
+    """The models of a run in report order: [source_only,] warmup, adapt, distill_1..N, oracle.
+
+    With ``warmup.target_bn`` the warm-up saw target images (their BatchNorm statistics), so the model as
+    trained on the source is its own row, ``source_only``, and the gap is measured from it.
+    """
+    out = [StageModel(SOURCE_ONLY, WARMUP, Path("models/warmup"), "source_only.pt", None)]
+    out = out if params.warmup.target_bn else []
+    out += [StageModel(WARMUP, WARMUP, Path("models/warmup")), StageModel(ADAPT, ADAPT, Path("models/adapt"))]
     for r in sorted(params.distill.rounds):
         out.append(StageModel(f"distill_{r}", f"distill@{r}", Path(f"models/distill_{r}")))
     out.append(StageModel(ORACLE, ORACLE, Path("models/oracle")))
@@ -166,8 +179,11 @@ def _finite(x: float | None) -> bool:
 
 
 def gap_closed(mious: dict[str, float], adapted: Sequence[str]) -> tuple[dict[str, float | None], list[str]]:
-    """(mIoU − warm-up) / (oracle − warm-up) per adapted stage, as a fraction; None where undefined (+ a note)."""
-    w, o = mious.get(WARMUP), mious.get(ORACLE)
+    """(mIoU − baseline) / (oracle − baseline) per adapted stage, as a fraction; None where undefined (+ a note).
+
+    The baseline is the source-only model: ``source_only`` when the warm-up saw target images, else the warm-up.
+    """
+    w, o = mious.get(SOURCE_ONLY, mious.get(WARMUP)), mious.get(ORACLE)
     if not (_finite(w) and _finite(o)) or o <= w:
         note = (
             f"gap closed is undefined: the oracle mIoU ({o}) is not above the warm-up (source-only) mIoU ({w}), "
@@ -204,7 +220,7 @@ def evaluate_stage(
     if ctx.info.is_main and overlay_images:
         res.overlay_preds = predict_labels(model, overlay_images, ctx.info.device)
     del model
-    if m.best.is_file():
+    if m.best_file is not None and m.best.is_file():
         # Training stages export best == last when no intermediate evaluation beat the end: skip the re-run.
         if same_weights(m.last, m.best):
             res.best_miou, res.best_is_last = res.summary["miou"], True
@@ -247,7 +263,8 @@ def build_report(ctx: Context) -> Report:
         if ctx.info.is_main:
             print(f"[{ctx.stage}] {m.name}: mIoU {results[m.name].summary['miou']:.2f}", flush=True)
     mious = {n: r.summary["miou"] for n, r in results.items()}
-    adapted = [m.name for m in models if m.name not in (WARMUP, ORACLE)]
+    baseline = SOURCE_ONLY if SOURCE_ONLY in mious else WARMUP
+    adapted = [m.name for m in models if m.name not in (baseline, ORACLE)]
     gaps, notes = gap_closed(mious, adapted)
     quality: dict[str, dict] = {}
     if ctx.info.is_main:
@@ -468,9 +485,14 @@ def markdown(report: Report) -> str:
         lines.append(f"| {_label(n)} | {_fmt(r.summary['miou'])} | {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |")
     lines += [
         "",
-        "- The warm-up model is the **source-only** baseline here (it never saw target labels).",
-        "- Gap closed = (mIoU − warm-up mIoU) / (oracle mIoU − warm-up mIoU): the share of the source-only → "
-        "oracle gap that adaptation recovers.",
+        (
+            "- **Source only** is the warm-up as trained on the source; the warm-up the later stages use has "
+            "BatchNorm statistics of the unlabelled target train images (`warmup.target_bn`)."
+            if SOURCE_ONLY in report.stages
+            else "- The warm-up model is the **source-only** baseline here (it never saw target labels)."
+        ),
+        "- Gap closed = (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
+        "source-only → oracle gap that adaptation recovers.",
         "- *Best-on-val* is `best.pt`, the checkpoint with the highest mIoU on this same target val set during "
         "training: it was selected on the test data, so it is **optimistic** and not a fair result. The fair "
         "figures are the `last.pt` columns.",

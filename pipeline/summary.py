@@ -29,9 +29,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _stage_rank(name: str) -> tuple[int, str]:
-    """Pipeline order (warm-up, stage 1, KD rounds, oracle), not the JSON's alphabetical order."""
-    head = name.split("_")[0]
-    order = {"warmup": 0, "adapt": 1, "distill": 2, "teacher": 2, "oracle": 3}
+    """Pipeline order (source only, warm-up, stage 1, KD rounds, oracle), not the JSON's alphabetical order."""
+    head = "source_only" if name == "source_only" else name.split("_")[0]
+    order = {"source_only": -1, "warmup": 0, "adapt": 1, "distill": 2, "teacher": 2, "oracle": 3}
     num = name.rsplit("_", 1)[-1]
     return order.get(head, 4), num.zfill(4) if num.isdigit() else name
 
@@ -43,7 +43,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
     for name, m in sorted(metrics.get("stages", {}).items(), key=lambda kv: _stage_rank(kv[0])):
         gap = "" if name not in gaps else _num(None if gaps[name] is None else 100 * gaps[name], "{:.1f}%")
         rows.append([name, _num(m.get("miou")), _num(m.get("pixel_acc")), gap])
-    out = ["mIoU on target val (%), every stage's last.pt; gap closed vs warm-up (source only) -> oracle"]
+    out = ["mIoU on target val (%), every stage's model; gap closed: share of the source-only -> oracle gap"]
     out += _table(["stage", "mIoU", "pixel acc", "gap closed"], rows)
     out.append(f"final model: {metrics.get('final_stage', '?')}")
     quality = metrics.get("pseudo_labels", {})

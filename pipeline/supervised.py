@@ -6,6 +6,8 @@ predictions; the segmentation net is pushed to make target outputs look like sou
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,10 +18,10 @@ from torch.func import functional_call
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdversarialParams, OptimParams
 from pipeline.distributed import unwrap
-from pipeline.engine import build_optimizer
+from pipeline.engine import build_optimizer, evaluate
 from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
-from pipeline.models import Discriminator, param_groups
-from pipeline.runtime import Context, manifest_path, new_model
+from pipeline.models import Discriminator, estimate_bn_stats, param_groups
+from pipeline.runtime import Context, dataset, load_model, manifest_path, new_model, write_json
 from pipeline.training import WeakTransform, run_training, stream, wrap_ddp
 
 
@@ -110,3 +112,45 @@ def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> 
         loss_names=names,
         inputs=inputs,
     )
+
+
+def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict:
+    """Target BatchNorm statistics for a source-trained model (AdaBN), with the model as trained kept.
+
+    ``out_dir/last.pt`` becomes ``out_dir/source_only.pt`` (the report's source-only row); BatchNorm running
+    statistics are re-estimated on the unlabelled target train images (read as every stage reads them, no
+    augmentation) and the result is written as ``out_dir/last.pt``. Weights are unchanged. The metrics file
+    gains the source-only figures under ``source_only``. Every rank computes the same statistics over the whole
+    set (a few hundred forward passes); rank 0 writes.
+    """
+    last, kept = out_dir / "last.pt", out_dir / "source_only.pt"
+    data = ckpt.load(last)
+    model = load_model(last, ctx)
+    tgt = dataset(ctx, "target_train", with_labels=False)
+    bs = ctx.params.evaluate.batch_size
+
+    def batches():
+        for start in range(0, len(tgt), bs):
+            imgs = torch.stack([tgt.load(i)["image"] for i in range(start, min(start + bs, len(tgt)))])
+            yield imgs.to(ctx.info.device).float() / 255.0
+
+    n = estimate_bn_stats(model, batches())
+    val = dataset(ctx, "target_val", with_labels=True)
+    cm = evaluate(model, val, ctx.num_classes, ctx.info, bs)
+    aligned = cm.summary(ctx.class_names)
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = {
+        **metrics,
+        "source_only": {k: metrics.get(k) for k in ("miou", "pixel_acc", "per_class_iou")},
+        "miou": aligned["miou"],
+        "pixel_acc": aligned["pixel_acc"],
+        "per_class_iou": aligned["per_class_iou"],
+        "target_bn_images": n,
+    }
+    if ctx.info.is_main:
+        shutil.copyfile(last, kept)
+        meta = {**data["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
+        meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
+        ckpt.save_atomic(ckpt.model_payload(model.state_dict(), meta), last)
+        write_json(metrics_path, metrics)
+    return metrics

@@ -115,6 +115,9 @@ class SynthStyle:
         (e.g. ``{"truck": 0.4}``; facade names building/vegetation/wall/fence/terrain weight segment types).
     ego_vehicle: height of the ego-vehicle bonnet at the image bottom, as a fraction of the height
         (labelled 'ego vehicle', i.e. ignored, as in Cityscapes); 0 = none.
+    thin_scale: multiplier on the world width of thin structures (poles and their arms, traffic-light boxes,
+        sign plates, fence rails and slats, bicycle tyres and frames). A toy-world exaggeration, the same in both default domains: at 128x256 and a
+        stride-8 model, real-size poles (0.18 m) are under one output cell and no model could learn them.
     """
 
     texture_strength: float = 0.0
@@ -137,6 +140,7 @@ class SynthStyle:
     vehicle_rate: float = 1.0
     class_frequency: dict[str, float] = field(default_factory=dict)
     ego_vehicle: float = 0.0
+    thin_scale: float = 2.5
 
     def __post_init__(self) -> None:
         self.colour_cast = tuple(float(c) for c in self.colour_cast)  # type: ignore[assignment]
@@ -157,6 +161,7 @@ class SynthStyle:
             "brightness",
             "gamma",
             "saturation",
+            "thin_scale",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -195,6 +200,8 @@ def source_style() -> SynthStyle:
         horizon=0.40,
         camera_height=1.6,
         brightness_jitter=0.05,
+        # Toy-world sizes (both domains): persons, bikes and vehicles large enough for a stride-8 model at 128x256.
+        object_scale=1.4,
     )
 
 
@@ -204,7 +211,9 @@ def target_style() -> SynthStyle:
         texture_strength=0.3,
         noise_std=8.0,
         blur_sigma=0.7,
-        palette_shift=110.0,
+        # A moderate per-class colour shift (RGB length 35): classes stay recognisable by colour, as GTA5 and
+        # Cityscapes ones do; texture, lighting, noise, blur and camera make most of the gap.
+        palette_shift=35.0,
         palette_seed=1,
         saturation=0.7,
         brightness=0.92,
@@ -214,7 +223,7 @@ def target_style() -> SynthStyle:
         shadow_strength=0.35,
         horizon=0.47,
         camera_height=1.3,
-        object_scale=0.9,
+        object_scale=1.25,  # ~0.9x the source's: smaller objects, as Cityscapes vs GTA5
         colour_jitter=20.0,
         person_rate=2.0,
         vehicle_rate=1.0,
@@ -629,15 +638,16 @@ class _Painter:
         sc, rng = self.sc, self.rng
         hgt = rng.uniform(1.0, 2.2)
         col = sc.colour("fence", shade=shade)
+        t = sc.style.thin_scale
         for yy in (hgt * 0.3, hgt * 0.9):
-            sc.facade_quad("fence", col, x, z0, z1, yy - 0.08, yy + 0.08)
+            sc.facade_quad("fence", col, x, z0, z1, yy - 0.08 * t, yy + 0.08 * t)
         step = rng.uniform(0.25, 0.6)
         zz = z0
         while zz < z1:
             a, b = sc.p(x, 0, zz), sc.p(x, hgt, zz)
             if abs(a[0] - sc.p(x, 0, zz + step)[0]) < 1.5 and zz > z0 + 4 * step:
                 step *= 2  # far away the slats merge: thin them out instead of drawing sub-pixel lines
-            sc.line("fence", col, [a, b], sc.f * 0.06 / zz)
+            sc.line("fence", col, [a, b], sc.f * 0.06 * t / zz)
             zz += step
 
     # -- objects
@@ -898,9 +908,10 @@ class _Painter:
     def bicycle(self, x: float, z: float, col: RGB, d: int) -> None:
         sc = self.sc
         tyre = sc.colour("tyre", jitter=4)
+        t = sc.style.thin_scale
         for u in (-0.52, 0.52):
-            sc.circle_bb("bicycle", tyre, x, z, d * u, 0.34, 0.34, width_m=0.06)
-        wpx = sc.f * 0.05 * sc.s / z
+            sc.circle_bb("bicycle", tyre, x, z, d * u, 0.34, 0.34, width_m=0.06 * t)
+        wpx = sc.f * 0.05 * t * sc.s / z
         frame = [(-0.52, 0.34), (-0.12, 0.85), (0.4, 0.85), (0.0, 0.34), (-0.52, 0.34)]
         sc.line("bicycle", col, sc.bb(x, z, [(d * u, v) for u, v in frame]), wpx)
         sc.line("bicycle", col, sc.bb(x, z, [(d * 0.0, 0.34), (d * -0.12, 0.85)]), wpx)
@@ -962,12 +973,13 @@ class _Painter:
         sc, rng = self.sc, self.rng
         col = sc.colour("pole")
         hgt = rng.uniform(3.0, 4.0) if kind == "sign" else rng.uniform(4.5, 8.0)
-        wpx = max(1.0, sc.f * 0.18 / z)
+        t = sc.style.thin_scale
+        wpx = max(1.0, sc.f * 0.18 * t / z)
         (xb, yb), (_, yt) = sc.p(x, 0, z), sc.p(x, hgt, z)
         sc.poly("pole", col, [(xb - wpx / 2, yb), (xb + wpx / 2, yb), (xb + wpx / 2, yt), (xb - wpx / 2, yt)])
         if kind == "lamp":
             arm = -side * rng.uniform(1.0, 2.5)
-            sc.line("pole", col, [sc.p(x, hgt, z), sc.p(x + arm, hgt + 0.3, z)], sc.f * 0.1 / z)
+            sc.line("pole", col, [sc.p(x, hgt, z), sc.p(x + arm, hgt + 0.3, z)], sc.f * 0.1 * t / z)
             sc.poly(
                 "pole",
                 sc.tint(col, 1.2),
@@ -982,21 +994,21 @@ class _Painter:
             # Either on top of the pole or hanging from an arm over the road.
             lx = x if rng.uniform() < 0.5 else x - side * rng.uniform(2.0, 4.0)
             if lx != x:
-                sc.line("pole", col, [sc.p(x, hgt - 0.2, z), sc.p(lx, hgt - 0.2, z)], sc.f * 0.12 / z)
+                sc.line("pole", col, [sc.p(x, hgt - 0.2, z), sc.p(lx, hgt - 0.2, z)], sc.f * 0.12 * t / z)
             box = sc.colour("traffic light")
-            x0, y0 = sc.p(lx - 0.18, hgt - 0.1, z)
-            x1, y1 = sc.p(lx + 0.18, hgt - 1.1, z)
+            x0, y0 = sc.p(lx - 0.18 * t, hgt - 0.1, z)
+            x1, y1 = sc.p(lx + 0.18 * t, hgt - 0.1 - 1.0 * t, z)
             sc.poly("traffic light", box, [(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
             lit = int(rng.integers(3))
             for k in range(3):
-                cx, cy = sc.p(lx, hgt - 0.28 - 0.32 * k, z)
+                cx, cy = sc.p(lx, hgt - 0.1 - (0.18 + 0.32 * k) * t, z)
                 lamp = PALETTE["lamp"][k] if k == lit else (60, 60, 50)
-                r = sc.f * 0.11 / z
+                r = sc.f * 0.11 * t / z
                 sc.ellipse("traffic light", sc.tint(lamp, 1.0), cx, cy, r, r)
         else:
             shape = int(rng.integers(4))
             cx, cy = sc.p(x, hgt - 0.4, z)
-            r = max(1.0, sc.f * 0.38 / z)
+            r = max(1.0, sc.f * 0.38 * min(t, 2.0) / z)
             c1 = sc.colour("traffic sign")
             c2 = sc.colour("traffic sign", jitter=6)
             if shape == 0:  # round: ring + inner disc

@@ -14,6 +14,7 @@ from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
 from pipeline.engine import FitResult, Stream, Task, evaluate, fit
 from pipeline.losses import cross_entropy
 from pipeline.metrics import write_per_class_csv
+from pipeline.models import source_bn_frozen
 from pipeline.runtime import Context, dataset, save_model, write_json
 from pipeline.views import StrongViewConfig, WeakViewConfig, make_weak_view
 
@@ -47,25 +48,30 @@ class WeakTransform:
         return out
 
 
-def joint_forward(net: nn.Module, src: dict, tgt: dict, target_scale: float, source_ce) -> tuple:
-    """One student forward over source + target views (a single DDP forward, shared BN statistics).
+def target_size(crop: torch.Size | tuple[int, int], scale: float) -> tuple[int, int]:
+    """Size at which target-side terms are computed: `scale` of the crop (the paper: 1/4 of 896x512)."""
+    return (max(1, round(crop[0] * scale)), max(1, round(crop[1] * scale)))
 
-    Returns target logits and features upsampled to `target_scale` of the crop, that size, and the weighted
-    source CE (0 when `source_ce.enabled` is false) with its log entry.
+
+def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def source_forward(
+    net: nn.Module, src: dict, source_ce, target_bn: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Source CE from its own forward (BatchNorm statistics of one domain per forward, as the public code).
+
+    With `target_bn`, the source batch is normalised with its own statistics but does not move the running
+    ones, which then follow the target only (what evaluation and inference use).
+    Returns the weighted term (an exact 0 when `source_ce.enabled` is false) and its log entry.
     """
-    n = src["image"].shape[0]
-    crop = tgt["image"].shape[-2:]
-    out_size = (max(1, round(crop[0] * target_scale)), max(1, round(crop[1] * target_scale)))
-    logits, feats = net(torch.cat([src["image"], tgt["image"]]))
-    logs: dict[str, float] = {}
-    total = logits.new_zeros(())
-    if source_ce.enabled:
-        ce = cross_entropy(logits[:n], src["label"])
-        total = total + source_ce.weight * ce
-        logs["src_ce"] = ce.item()
-    t_logits = F.interpolate(logits[n:].float(), size=out_size, mode="bilinear", align_corners=False)
-    t_feats = F.interpolate(feats[n:].float(), size=out_size, mode="bilinear", align_corners=False)
-    return t_logits, t_feats, out_size, total, logs
+    if not source_ce.enabled:
+        return torch.zeros(()), {}
+    with source_bn_frozen(net, target_bn):
+        logits, _ = net(src["image"])
+    ce = cross_entropy(logits, src["label"])
+    return source_ce.weight * ce, {"src_ce": ce.item()}
 
 
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:

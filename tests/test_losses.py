@@ -81,11 +81,11 @@ def test_structure_kl_zero_when_equal() -> None:
 
 def test_structure_kl_hand_value_and_detached_teacher() -> None:
     # Teacher logits [0, ln 3] -> p_T = [1/4, 3/4]; student [0, 0] -> p_S = [1/2, 1/2].
-    # KL = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.173287 + 0.304099 = 0.130812.
+    # KL = 1/4 ln(1/2) + 3/4 ln(3/2) = -0.173287 + 0.304099 = 0.130812, averaged over K = 2 classes: 0.065406.
     teacher = _pix(0.0, math.log(3.0)).requires_grad_(True)
     student = _pix(0.0, 0.0).requires_grad_(True)
     loss = structure_kl(teacher, student, torch.ones(1, 1, 1, dtype=torch.bool))
-    assert loss.item() == pytest.approx(0.13081203594113697, rel=1e-5)
+    assert loss.item() == pytest.approx(0.13081203594113697 / 2, rel=1e-5)
     loss.backward()
     assert teacher.grad is None and student.grad is not None
 
@@ -99,9 +99,12 @@ def test_structure_kl_masked_pixels_excluded() -> None:
     t2[~valid.unsqueeze(1).expand_as(t2)] = 30.0  # change only masked pixels, also to non-finite values
     s2[:, 0][~valid] = float("nan")
     assert structure_kl(t2, s2, valid).item() == pytest.approx(base.item(), rel=1e-6)
-    # Mean over valid pixels, not over all pixels.
+    # Mean over valid pixels (not over all pixels) and over the K = 3 classes, as the public [N,K,H,W] mask.
     per_pixel = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)
-    assert base.item() == pytest.approx(per_pixel[valid].mean().item(), rel=1e-5)
+    assert base.item() == pytest.approx(per_pixel[valid].mean().item() / 3, rel=1e-5)
+    public = F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="none")
+    mask = valid.unsqueeze(1).expand_as(public).float()
+    assert base.item() == pytest.approx(((public * mask).sum() / mask.sum()).item(), rel=1e-5)
 
 
 def test_structure_kl_neg_inf_logits_no_nan() -> None:
@@ -109,7 +112,7 @@ def test_structure_kl_neg_inf_logits_no_nan() -> None:
     t = torch.tensor([0.0, math.log(3.0), float("-inf")]).view(1, 3, 1, 1)
     s = torch.tensor([0.0, 0.0, float("-inf")]).view(1, 3, 1, 1).requires_grad_(True)
     loss = structure_kl(t, s)
-    assert loss.item() == pytest.approx(0.13081203594113697, rel=1e-5)
+    assert loss.item() == pytest.approx(0.13081203594113697 / 3, rel=1e-5)
     loss.backward()
     assert torch.isfinite(s.grad).all()
 
@@ -150,6 +153,12 @@ def test_kd_kl_valid_mask_and_zero_teacher_mass() -> None:
     student = torch.tensor([[0.0, 9.0], [float("-inf"), -9.0]]).view(1, 2, 1, 2)
     loss = kd_kl(teacher, student, torch.tensor([[[True, False]]]))
     assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_kl_hand_value_mean_over_classes() -> None:
+    # Teacher [1/4, 3/4], student logits [0, 0] -> p_S = [1/2, 1/2]: KL = 0.130812 per pixel, / K=2 = 0.065406.
+    teacher = torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)
+    assert kd_kl(teacher, _pix(0.0, 0.0)).item() == pytest.approx(0.13081203594113697 / 2, rel=1e-5)
 
 
 # ---------------------------------------------------------------- LS-GAN and hard CE

@@ -36,10 +36,13 @@ def test_proto_weights_hand_value() -> None:
 
 
 def test_proto_logits_empty_prototypes_and_float32() -> None:
-    # Prototype 1 empty: -inf logit, weight exactly 0 for it; all empty: zeros (uniform), never NaN.
+    # Prototype 1 empty: it takes the mean logit of the initialised ones (here the only one, -5), a finite
+    # logit, so omega is (1/2, 1/2); all empty: zeros (uniform), never NaN.
     logits = proto_logits(FEAT, PROTOS, 1.0, torch.tensor([True, False]))
-    assert logits[0, 1].item() == float("-inf")
-    assert proto_weights(FEAT, PROTOS, 1.0, torch.tensor([True, False]))[0, :, 0, 0].tolist() == [1.0, 0.0]
+    assert logits[0, :, 0, 0].tolist() == pytest.approx([-5.0, -5.0], rel=1e-5)
+    assert proto_weights(FEAT, PROTOS, 1.0, torch.tensor([True, False]))[0, :, 0, 0].tolist() == pytest.approx(
+        [0.5, 0.5]
+    )
     none = proto_weights(FEAT, PROTOS, 1.0, torch.tensor([False, False]))
     assert none[0, :, 0, 0].tolist() == [0.5, 0.5]
     # float32 even under autocast, and a finite gradient when a feature sits exactly on a prototype.
@@ -49,6 +52,23 @@ def test_proto_logits_empty_prototypes_and_float32() -> None:
     assert out.dtype == torch.float32
     out.sum().backward()
     assert torch.isfinite(feat.grad).all()
+
+
+def test_never_seen_class_keeps_a_finite_logit_and_can_be_chosen() -> None:
+    # Three classes, prototype 2 never initialised. Distances to prototypes 0/1: 1 and 3 -> logits -1, -3;
+    # class 2 gets their mean, -2: finite. omega = softmax(-1, -3, -2) = (0.665241, 0.090031, 0.244728).
+    feat = torch.tensor([0.0, 0.0]).view(1, 2, 1, 1)
+    protos = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
+    init = torch.tensor([True, True, False])
+    logits = proto_logits(feat, protos, 1.0, init)
+    assert torch.isfinite(logits).all()
+    assert logits[0, :, 0, 0].tolist() == pytest.approx([-1.0, -3.0, -2.0], rel=1e-5)
+    omega = torch.softmax(logits, dim=1)
+    assert omega[0, :, 0, 0].tolist() == pytest.approx([0.665241, 0.090031, 0.244728], rel=1e-5)
+    # p0 backs class 2 strongly: omega * p0 = (0.0665, 0.0090, 0.1958) -> class 2 is kept.
+    p0 = torch.tensor([0.1, 0.1, 0.8]).view(1, 3, 1, 1)
+    labels, _ = rectify(p0, omega)
+    assert labels.item() == 2
 
 
 def test_rectify_flips_only_when_omega_outweighs_p0() -> None:

@@ -79,14 +79,15 @@ RAW = {
         "num_classes": 19,
     },
     "model": MP.model_dump(mode="json"),
-    "warmup": {"optim": _optim(1), "view": VIEW},
+    "warmup": {"optim": _optim(1), "view": VIEW, "target_bn": False},
     "oracle": {"optim": _optim(1), "view": VIEW},
-    "adapt": {"optim": _optim(1), "view": VIEW},
+    "adapt": {"optim": _optim(1), "view": VIEW, "target_bn": False},
     "distill": {
         "rounds": {"1": {"teacher": "models/adapt"}, "2": {"teacher": "models/distill_1"}},
         "optim": _optim(1),
         "view": VIEW,
         "conf_threshold": 0.95,
+        "target_bn": False,
     },
     "evaluate": {"batch_size": 2, "n_overlays": 2},
 }
@@ -326,3 +327,23 @@ def test_summary_missing_file(tmp_path):
         env={"PYTHONPATH": str(REPO)},
     )
     assert res.returncode == 1 and "dvc repro" in res.stderr
+
+
+def test_gap_is_measured_from_the_source_only_row_when_present():
+    # Source only 20, BN-aligned warm-up 30, stage 1 35, oracle 60: the warm-up closes (30-20)/40 = 25%,
+    # stage 1 (35-20)/40 = 37.5%; without a source-only row the warm-up is the baseline.
+    mious = {"source_only": 20.0, "warmup": 30.0, "adapt": 35.0, "oracle": 60.0}
+    gaps, notes = report.gap_closed(mious, ["warmup", "adapt"])
+    assert gaps == {"warmup": 0.25, "adapt": 0.375} and not notes
+    gaps, _ = report.gap_closed({"warmup": 30.0, "adapt": 35.0, "oracle": 60.0}, ["adapt"])
+    assert gaps == {"adapt": pytest.approx(1 / 6, abs=1e-4)}
+
+
+def test_source_only_row_only_with_target_bn():
+    names = [m.name for m in report.stage_models(make_ctx().params)]
+    assert names == ["warmup", "adapt", "distill_1", "distill_2", "oracle"]
+    raw = {**RAW, "warmup": {**RAW["warmup"], "target_bn": True}}
+    params = parse_params(raw)
+    models = report.stage_models(params)
+    assert [m.name for m in models][:2] == ["source_only", "warmup"]
+    assert models[0].last == Path("models/warmup/source_only.pt") and models[0].best_file is None

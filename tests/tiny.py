@@ -57,11 +57,18 @@ TINY: dict[str, Any] = {
         "gn_groups": 8,
         "se_reduction": 4,
     },
-    "warmup": {"optim": _optim(4), "view": VIEW, "adversarial": {"enabled": False, "ndf": 8}},
+    "warmup": {"optim": _optim(4), "view": VIEW, "adversarial": {"enabled": False, "ndf": 8}, "target_bn": True},
     "oracle": {"optim": _optim(2), "view": VIEW},
     "pseudo_label": {"batch_size": 4},
     "prototypes": {"min_pixels": 1, "batch_size": 4},
-    "adapt": {"optim": _optim(3, lr=0.002), "view": VIEW, "ema_momentum": 0.9, "proto_momentum": 0.9, "min_pixels": 1},
+    "adapt": {
+        "optim": _optim(3, lr=0.002),
+        "view": VIEW,
+        "ema_momentum": 0.9,
+        "proto_momentum": 0.9,
+        "min_pixels": 1,
+        "target_bn": True,
+    },
     "teacher": {"batch_size": 4},
     "distill": {
         "rounds": {"1": {"teacher": "models/adapt"}},
@@ -70,6 +77,7 @@ TINY: dict[str, Any] = {
         "conf_threshold": 0.95,
         "kd_beta": 1.0,
         "student_init": "scratch",
+        "target_bn": True,
     },
     "evaluate": {"batch_size": 4, "n_overlays": 2},
 }

@@ -1,0 +1,143 @@
+"""One training step of ProDA stage 1 and of a KD round, checked for what goes through which forward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tiny import tiny_params
+
+import pipeline.distill as distill_mod
+from pipeline.adapt import ProDATask, TargetViews
+from pipeline.config import parse_params
+from pipeline.distill import DistillTask, TeacherViews
+from pipeline.distributed import DistInfo
+from pipeline.engine import collate
+from pipeline.labels import class_names
+from pipeline.models import build_model
+from pipeline.prototypes import PrototypeBank
+from pipeline.runtime import Context
+from pipeline.training import strong_config, weak_config
+from pipeline.views import warp_to_view
+
+K = 19
+
+
+def _ctx(params) -> Context:
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    return Context("adapt", params, info, class_names(K))
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet18", K, width=8, feat_dim=16, head_dilations=(1, 2, 3, 4), gn_groups=8, se_reduction=4)
+
+
+def _record_batches(model: torch.nn.Module) -> list[torch.Tensor]:
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def _source(n: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(n, 3, 32, 32, generator=g), "label": torch.randint(0, K, (n, 32, 32), generator=g)}
+
+
+def test_stage1_source_and_target_forwards_are_separate() -> None:
+    params = parse_params(tiny_params())
+    p = params.adapt
+    model = _model()
+    bank = PrototypeBank(K, model.feat_dim)
+    bank.protos.normal_()
+    bank.initialized[:10] = True
+    task = ProDATask(_ctx(params), model, bank, p)
+    seen = _record_batches(model)  # the student only (the EMA copy was made before the hook)
+
+    views = TargetViews(p.view, p.strong, None)
+    g = torch.Generator().manual_seed(2)
+    samples = []
+    for i in range(2):
+        s = views({"index": i, "id": f"t{i}", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
+        s["soft"] = F.softmax(torch.randn(K, 4, 8, generator=g), dim=0)
+        samples.append(s)
+    tgt = collate(samples)
+    src = _source(2)
+    total, logs = task.loss({"source": src, "target": tgt}, 0)
+
+    # Source alone first (its own BatchNorm statistics), then the weak and strong target views together.
+    assert [b.shape[0] for b in seen] == [2, 4]
+    assert torch.equal(seen[0], src["image"])
+    assert torch.equal(seen[1], torch.cat([tgt["weak_image"], tgt["image"]]))
+    assert {"src_ce", "tgt_sce", "kl", "reg"} <= set(logs)
+    total.backward()
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
+
+
+def test_stage1_sce_and_regulariser_see_the_weak_view() -> None:
+    # With the structure KL off and no source CE, the only student forward that matters is the weak view's:
+    # the gradient does not change when the strong view's pixels change.
+    params = parse_params(
+        tiny_params(**{"adapt.structure_kl": {"enabled": False, "weight": 1.0}, "adapt.source_ce": {"enabled": False}})
+    )
+    p = params.adapt
+    grads = []
+    for strong_fill in (0.0, 1.0):
+        model = _model()
+        model.eval()  # no dropout / batch statistics: the two runs differ only by their inputs
+        bank = PrototypeBank(K, model.feat_dim)
+        task = ProDATask(_ctx(params), model, bank, p)
+        views = TargetViews(p.view, p.strong, None)
+        g = torch.Generator().manual_seed(3)
+        s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
+        s["soft"] = F.softmax(torch.randn(K, 4, 8, generator=g), dim=0)
+        tgt = collate([s])
+        tgt["image"] = torch.full_like(tgt["image"], strong_fill)
+        total, _ = task.loss({"source": _source(1), "target": tgt}, 0)
+        total.backward()
+        grads.append(torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]))
+    assert torch.allclose(grads[0], grads[1])
+
+
+def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
+    # The teacher's soft map is stored at stride 8 (4x8 for a 32x64 image). KD labels and confidences are
+    # the argmax / max of that map warped bilinearly into the view, not its stride-8 hard map warped nearest.
+    overrides = {"distill.source_ce": {"enabled": False}, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
+    params = parse_params(tiny_params(**overrides))
+    p = params.distill
+    task = DistillTask(_ctx(params), _model(), p, use_soft=True)
+    g = torch.Generator().manual_seed(4)
+    soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
+    views = TeacherViews.__new__(TeacherViews)
+    views.weak, views.strong = weak_config(p.view), strong_config(p.strong)
+    views.store = _Store(soft)
+    s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
+    tgt = collate([s])
+    captured = {}
+    real = distill_mod.masked_ce_hard
+
+    def spy(logits, label, conf, threshold, ignore):
+        captured["label"], captured["conf"] = label, conf
+        return real(logits, label, conf, threshold, ignore)
+
+    distill_mod.masked_ce_hard = spy
+    try:
+        task.loss({"source": _source(1), "target": tgt}, 0)
+    finally:
+        distill_mod.masked_ce_hard = real
+    warped = warp_to_view(soft[None], tgt["coords"], (32, 32))
+    valid = tgt["valid"]
+    conf, label = warped.max(dim=1)
+    assert torch.equal(captured["label"][valid], label[valid])
+    assert torch.allclose(captured["conf"][valid], conf[valid])
+    nearest = warp_to_view(soft.argmax(0)[None], tgt["coords"], (32, 32), mode="nearest", fill=255)
+    assert (nearest[valid] != label[valid]).any()  # the two derivations differ on this map
+
+
+class _Store:
+    """A pseudo-label store of one soft map (the reader's get() contract)."""
+
+    def __init__(self, soft: torch.Tensor) -> None:
+        self.soft = soft.numpy()
+
+    def get(self, _id: str) -> dict:
+        return {"soft": self.soft, "label": self.soft.argmax(0).astype("uint8"), "conf": self.soft.max(0)}
