@@ -174,8 +174,9 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
         with autocast(info.device, True):
             logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
         cm.update(logits.argmax(1).cpu(), batch["label"])
-    counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
-    cm.counts = counts.cpu().numpy()
+    if info.enabled:  # sharded: sum the ranks' counts (a single-rank DistInfo evaluates the whole split alone)
+        counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
+        cm.counts = counts.cpu().numpy()
     model.train(was_training)
     return cm
 
@@ -185,7 +186,9 @@ def autocast(device: torch.device, enabled: bool):
 
     bf16 needs no loss scaling, so no GradScaler state exists to checkpoint.
     """
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu"))
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type in ("cuda", "cpu")
+    )
 
 
 # ------------------------------------------------------------------------------------------------ task

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import AdversarialParams, OptimParams
-from pipeline.distributed import unwrap
+from pipeline.distributed import DistInfo, unwrap
 from pipeline.engine import build_optimizer, evaluate
 from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
@@ -114,15 +114,18 @@ def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> 
     )
 
 
-def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict:
+def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict | None:
     """Target BatchNorm statistics for a source-trained model (AdaBN), with the model as trained kept.
 
     ``out_dir/last.pt`` becomes ``out_dir/source_only.pt`` (the report's source-only row); BatchNorm running
     statistics are re-estimated on the unlabelled target train images (read as every stage reads them, no
     augmentation) and the result is written as ``out_dir/last.pt``. Weights are unchanged. The metrics file
-    gains the source-only figures under ``source_only``. Every rank computes the same statistics over the whole
-    set (a few hundred forward passes); rank 0 writes.
+    gains the source-only figures under ``source_only``. Rank 0 alone does it (a few hundred forward passes
+    and an evaluation of its own); other ranks return None.
     """
+    if not ctx.info.is_main:
+        return None
+    local = DistInfo(0, 1, 0, ctx.info.device)
     last, kept = out_dir / "last.pt", out_dir / "source_only.pt"
     data = ckpt.load(last)
     model = load_model(last, ctx)
@@ -136,7 +139,7 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict:
 
     n = estimate_bn_stats(model, batches())
     val = dataset(ctx, "target_val", with_labels=True)
-    cm = evaluate(model, val, ctx.num_classes, ctx.info, bs)
+    cm = evaluate(model, val, ctx.num_classes, local, bs)
     aligned = cm.summary(ctx.class_names)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics = {
@@ -147,10 +150,9 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict:
         "per_class_iou": aligned["per_class_iou"],
         "target_bn_images": n,
     }
-    if ctx.info.is_main:
-        shutil.copyfile(last, kept)
-        meta = {**data["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
-        meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
-        ckpt.save_atomic(ckpt.model_payload(model.state_dict(), meta), last)
-        write_json(metrics_path, metrics)
+    shutil.copyfile(last, kept)
+    meta = {**data["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
+    meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
+    ckpt.save_atomic(ckpt.model_payload(model.state_dict(), meta), last)
+    write_json(metrics_path, metrics)
     return metrics

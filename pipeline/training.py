@@ -57,9 +57,7 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def source_forward(
-    net: nn.Module, src: dict, source_ce, target_bn: bool
-) -> tuple[torch.Tensor, dict[str, float]]:
+def source_forward(net: nn.Module, src: dict, source_ce, target_bn: bool) -> tuple[torch.Tensor, dict[str, float]]:
     """Source CE from its own forward (BatchNorm statistics of one domain per forward, as the public code).
 
     With `target_bn`, the source batch is normalised with its own statistics but does not move the running

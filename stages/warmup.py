@@ -8,12 +8,11 @@ from pipeline.stage import run_stage
 from pipeline.supervised import align_bn_to_target, train_supervised
 
 
-def main(ctx: Context) -> dict:
+def main(ctx: Context) -> dict | None:
     metrics = train_supervised(ctx, "source")
     if ctx.params.warmup.target_bn:
-        metrics = ctx.step(
-            "target_bn", align_bn_to_target, ctx, Path("models/warmup"), Path("metrics/warmup.json")
-        )
+        # Rank 0 only (other ranks get None); the stages after this one read the file it writes.
+        metrics = ctx.step("target_bn", align_bn_to_target, ctx, Path("models/warmup"), Path("metrics/warmup.json"))
     return metrics
 
 

@@ -227,3 +227,33 @@ def test_discriminator_shape() -> None:
         512,
         1,
     ]
+
+
+def test_estimate_bn_stats_is_the_plain_average_over_batches() -> None:
+    from pipeline.models import estimate_bn_stats
+
+    bn = torch.nn.BatchNorm2d(1)
+    bn.running_mean.fill_(5.0)  # stale statistics (e.g. of the source) are replaced, not blended
+    # Batch 1: values {0, 2} -> mean 1, unbiased var 2; batch 2: {4, 4, 10, 10} -> mean 7, unbiased var 12.
+    b1 = torch.tensor([0.0, 2.0]).view(2, 1, 1, 1)
+    b2 = torch.tensor([4.0, 4.0, 10.0, 10.0]).view(4, 1, 1, 1)
+    n = estimate_bn_stats(torch.nn.Sequential(bn), iter([b1, b2]))
+    assert n == 6 and not bn.training
+    assert bn.running_mean.item() == pytest.approx(4.0)  # (1 + 7) / 2: every batch counts once
+    assert bn.running_var.item() == pytest.approx(7.0)  # (2 + 12) / 2
+    assert bn.momentum == 0.1  # restored
+    with pytest.raises(ValueError, match="no images"):
+        estimate_bn_stats(torch.nn.Sequential(bn), iter([]))
+
+
+def test_source_bn_frozen_normalises_with_the_batch_but_keeps_running_stats() -> None:
+    from pipeline.models import source_bn_frozen
+
+    bn = torch.nn.BatchNorm2d(1).train()
+    x = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)
+    with source_bn_frozen(bn):
+        y = bn(x)
+    assert bn.running_mean.item() == 0.0 and bn.running_var.item() == 1.0
+    assert y.flatten().tolist() == pytest.approx([-1.0, 1.0], abs=1e-3)  # batch statistics were used
+    bn(x)  # outside the context the running statistics move again
+    assert bn.running_mean.item() == pytest.approx(0.2)
