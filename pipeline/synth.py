@@ -116,8 +116,9 @@ class SynthStyle:
     ego_vehicle: height of the ego-vehicle bonnet at the image bottom, as a fraction of the height
         (labelled 'ego vehicle', i.e. ignored, as in Cityscapes); 0 = none.
     thin_scale: multiplier on the world width of thin structures (poles and their arms, traffic-light boxes,
-        sign plates, fence rails and slats, bicycle tyres and frames). A toy-world exaggeration, the same in both default domains: at 128x256 and a
-        stride-8 model, real-size poles (0.18 m) are under one output cell and no model could learn them.
+        sign plates, fence rails and slats, bicycle tyres and frames). A toy-world exaggeration, the same in
+        both default domains: at 128x256 and a stride-8 model, real-size poles (0.18 m) are under one output
+        cell and no model could learn them.
     """
 
     texture_strength: float = 0.0
