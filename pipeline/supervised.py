@@ -119,7 +119,7 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
 
     ``out_dir/last.pt`` becomes ``out_dir/source_only.pt`` (the report's source-only row); BatchNorm running
     statistics are re-estimated on the unlabelled target train images (read as every stage reads them, no
-    augmentation) and the result is written as ``out_dir/last.pt``. Weights are unchanged. The metrics file
+    augmentation) and the result is written as ``out_dir/last.pt`` (and ``best.pt``). Weights are unchanged. The metrics file
     gains the source-only figures under ``source_only``. Rank 0 alone does it (a few hundred forward passes
     and an evaluation of its own); other ranks return None.
     """
@@ -153,6 +153,9 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
     shutil.copyfile(last, kept)
     meta = {**data["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
     meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
-    ckpt.save_atomic(ckpt.model_payload(model.state_dict(), meta), last)
+    payload = ckpt.model_payload(model.state_dict(), meta)
+    ckpt.save_atomic(payload, last)
+    # best.pt was picked among source-trained checkpoints; the aligned model has no such selection.
+    ckpt.save_atomic(payload, out_dir / "best.pt")
     write_json(metrics_path, metrics)
     return metrics
