@@ -39,11 +39,22 @@ def test_generated_data_is_in_the_real_layouts(base: Path) -> None:
 
 
 def test_warmup_outputs_and_curves(base: Path) -> None:
-    meta = torch.load(base / "models/warmup/last.pt", weights_only=True)["meta"]
+    last = torch.load(base / "models/warmup/last.pt", weights_only=True)
+    meta = last["meta"]
     assert meta["kind"] == "last" and len(meta["class_names"]) == 19
-    assert "optimistic" in torch.load(base / "models/warmup/best.pt", weights_only=True)["meta"]["note"]
     metrics = json.loads((base / "metrics/warmup.json").read_text())
     assert 0 <= metrics["miou"] <= 100 and metrics["iters"] == 4
+    # warmup.target_bn (tiny params): the model as trained is kept as source_only.pt; last.pt has the same
+    # weights with BatchNorm statistics of target train, and is also best.pt (no selection on val).
+    source = torch.load(base / "models/warmup/source_only.pt", weights_only=True)
+    assert "optimistic" not in meta["note"] and "AdaBN" in meta["note"]
+    assert 0 <= metrics["source_only"]["miou"] <= 100 and metrics["target_bn_images"] == 6
+    stats = [k for k in last["model"] if k.endswith("running_mean")]
+    assert stats and any(not torch.equal(last["model"][k], source["model"][k]) for k in stats)
+    weights = [k for k in last["model"] if k.endswith(".weight")]
+    assert all(torch.equal(last["model"][k], source["model"][k]) for k in weights)
+    best = torch.load(base / "models/warmup/best.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], last["model"][k]) for k in best)
     rows = list(csv.DictReader((base / "plots/warmup/train.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and float(rows[0]["ce"]) > 0
 
