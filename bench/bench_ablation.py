@@ -23,6 +23,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no structure KL": {"adapt.structure_kl.enabled": False},
     "CE instead of symmetric CE": {"adapt.sce.enabled": False},
     "no regulariser": {"adapt.regulariser.enabled": False},
+    "running BN statistics of both domains": {"adapt.target_bn": False},
 }
 
 
