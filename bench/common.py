@@ -57,7 +57,7 @@ def set_dotted(params: dict, key: str, value: Any) -> None:
     node = params
     *parents, last = key.split(".")
     for k in parents:
-        node = node[k]
+        node = node.setdefault(k, {})  # a section the file leaves to its defaults
     node[last] = value
 
 
