@@ -120,8 +120,8 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
     ``out_dir/last.pt`` becomes ``out_dir/source_only.pt`` (the report's source-only row); BatchNorm running
     statistics are re-estimated on the unlabelled target train images (read as every stage reads them, no
     augmentation) and the result is written as ``out_dir/last.pt`` (and ``best.pt``). Weights are unchanged.
-    The metrics file gains the source-only figures under ``source_only``. Rank 0 alone does it (a few hundred forward passes
-    and an evaluation of its own); other ranks return None.
+    The metrics file gains the source-only figures under ``source_only``. Rank 0 alone does it (a few hundred
+    forward passes and an evaluation of its own); other ranks return None.
     """
     if not ctx.info.is_main:
         return None
