@@ -60,8 +60,8 @@ class TeacherViews:
 
 
 class DistillTask:
-    def __init__(self, ctx: Context, model: nn.Module, p: DistillParams, use_soft: bool) -> None:
-        self.p, self.ctx, self.use_soft = p, ctx, use_soft
+    def __init__(self, ctx: Context, model: nn.Module, p: DistillParams) -> None:
+        self.p, self.ctx = p, ctx
         self.net = wrap_ddp(model, ctx)
         groups = param_groups(model, p.optim.lr, p.optim.head_lr_mult, p.optim.weight_decay)
         self._opt = build_optimizer(groups, p.optim)
@@ -133,7 +133,7 @@ def train_distill(ctx: Context, r: int) -> dict:
         raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
     model = student(ctx, p, teacher_path)
     model.train()
-    task = DistillTask(ctx, model, p, store.has_soft)
+    task = DistillTask(ctx, model, p)
     bs = p.optim.batch_size
     streams = {
         "source": stream(ctx, "source", True, WeakTransform(p.view), bs, salt=0),

@@ -235,16 +235,20 @@ class ProDAHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ model
+def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm layer of ``module`` (wrappers such as DDP included)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Put every BatchNorm layer in eval mode and stop gradients to its affine params (BN frozen).
 
     ``module.train()`` undoes the eval mode; SegModel built with ``freeze_bn`` re-applies this in train().
     """
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+    for m in batchnorms(module):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
     return module
 
 
@@ -382,7 +386,7 @@ class source_bn_frozen:
     """
 
     def __init__(self, model: nn.Module, enabled: bool = True) -> None:
-        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
+        self.bns = batchnorms(model) if enabled else []
         self.saved: list[float | None] = []
 
     def __enter__(self) -> source_bn_frozen:
@@ -403,7 +407,7 @@ def estimate_bn_stats(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:
     ``batches`` yields float images [B, 3, H, W]; no labels, no parameter changes. Returns the images seen.
     The model is left in eval mode.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     saved = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()

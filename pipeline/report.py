@@ -68,8 +68,8 @@ class StageModel:
         return self.dir / self.file
 
     @property
-    def best(self) -> Path:
-        return self.dir / (self.best_file or "")
+    def best(self) -> Path | None:
+        return None if self.best_file is None else self.dir / self.best_file
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def evaluate_stage(
     if ctx.info.is_main and overlay_images:
         res.overlay_preds = predict_labels(model, overlay_images, ctx.info.device)
     del model
-    if m.best_file is not None and m.best.is_file():
+    if m.best is not None and m.best.is_file():
         # Training stages export best == last when no intermediate evaluation beat the end: skip the re-run.
         if same_weights(m.last, m.best):
             res.best_miou, res.best_is_last = res.summary["miou"], True

@@ -104,7 +104,7 @@ def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
     overrides = {"distill.source_ce": {"enabled": False}, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
     params = parse_params(tiny_params(**overrides))
     p = params.distill
-    task = DistillTask(_ctx(params), _model(), p, use_soft=True)
+    task = DistillTask(_ctx(params), _model(), p)
     g = torch.Generator().manual_seed(4)
     soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
     views = TeacherViews.__new__(TeacherViews)
