@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc.yaml's commands call `python`: the venv's bin goes first on PATH.
 run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	$(PY) -m pipeline.summary
+	$(PY) -m pipeline.summary metrics/evaluate.json
 
 test: $(STAMP)
 	$(PY) -m pytest

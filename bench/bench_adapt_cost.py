@@ -56,9 +56,8 @@ def load_config(name: str, amp: bool):
 
 def make_batch(params, device: torch.device, gen: torch.Generator) -> tuple[dict, dict]:
     """A source batch and a target batch as the adapt stage's streams deliver them, from random images."""
-    from pipeline.adapt import TargetViews
     from pipeline.engine import collate, to_device
-    from pipeline.training import WeakTransform
+    from pipeline.training import TargetViews, WeakTransform
 
     p, k = params.adapt, params.data.num_classes
     bs, stride = p.optim.batch_size, params.model.output_stride
@@ -101,7 +100,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model = new_model(params.model, k).to(device).train()
     src, tgt = make_batch(params, device, torch.Generator().manual_seed(0))
     if spec["task"] == "proda":
-        ctx = Context("adapt", params, DistInfo(0, 1, 0, device), class_names(k))
+        ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k))
         bank = PrototypeBank(k, params.model.feat_dim)
         bank.protos.copy_(torch.randn(k, params.model.feat_dim))
         bank.initialized.fill_(True)

@@ -29,9 +29,10 @@ from bench_store_size import dir_bytes
 from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_result
 
 from pipeline.inference import _loader, softmax_at_stride, write_pseudo_labels
-from pipeline.runtime import dataset, load_model, setup
+from pipeline.runtime import Data, load_model, setup
 
-MODEL = Path("models/warmup/last.pt")
+# The workspace layout dvc.yaml gives the pseudo_label stage.
+MODEL, MANIFESTS = Path("models/warmup/last.pt"), Path("data/manifests")
 
 
 def sync(device: torch.device) -> None:
@@ -53,15 +54,15 @@ def main() -> None:
         print(f"dvc repro warmup in {root}", flush=True)
         timed_repro(root, ["warmup"], log=root / "repro.log")
     os.chdir(root)  # the pipeline's paths (data/manifests, models/) are relative to the workspace
-    ctx = setup("pseudo_label")
-    p, dev = ctx.params.pseudo_label, ctx.info.device
+    ctx, params = setup("pseudo_label")
+    p, dev, data = params.pseudo_label, ctx.info.device, Data(params.data, MANIFESTS)
     model = load_model(MODEL, ctx).eval()
-    ds = dataset(ctx, "target_train", with_labels=False)
+    ds = data.dataset("target_train", with_labels=False)
     n = len(ds)
 
     def infer() -> float:
         t0 = time.perf_counter()
-        for batch in _loader(ds, p.batch_size, ctx.params.data.num_workers):
+        for batch in _loader(ds, p.batch_size, data.num_workers):
             softmax_at_stride(model, batch["image"].to(dev), flip=False)
         sync(dev)
         return time.perf_counter() - t0
@@ -75,7 +76,15 @@ def main() -> None:
             store = scratch / f"s{i}.zarr"
             t0 = time.perf_counter()
             info = write_pseudo_labels(
-                ctx, model, MODEL, store, batch_size=p.batch_size, flip=False, store_soft=True, soft_dtype=p.soft_dtype
+                ctx,
+                data,
+                model,
+                MODEL,
+                store,
+                batch_size=p.batch_size,
+                flip=False,
+                store_soft=True,
+                soft_dtype=p.soft_dtype,
             )
             t_write.append(time.perf_counter() - t0)
             sizes = {a: dir_bytes(store / a) / n for a in ("soft", "label", "conf") if (store / a).exists()}

@@ -18,62 +18,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import AdaptParams, StrongParams
+from pipeline.config import AdaptParams
 from pipeline.engine import autocast, build_optimizer, collate
+from pipeline.files import sha256_file, write_json
 from pipeline.labels import IGNORE_INDEX as IGNORE
 from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.models import ModelEMA, param_groups
 from pipeline.prototypes import PrototypeBank, proto_logits, rectify
 from pipeline.pseudo_store import PseudoLabelStore
 from pipeline.quality import QualityAccumulator
-from pipeline.runtime import Context, dataset, load_model, manifest_path, write_json
+from pipeline.runtime import Context, Data, load_model, model_params_of
 from pipeline.training import (
+    TargetViews,
+    TrainOutputs,
     WeakTransform,
+    make_evaluator,
     run_training,
     source_forward,
     stream,
-    strong_config,
     target_size,
     upsample,
-    weak_config,
     wrap_ddp,
 )
-from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
-
-
-class TargetViews:
-    """Target sample: full image, weak view, strong view (on the weak one) and the stored soft pseudo labels."""
-
-    def __init__(self, view, strong: StrongParams, store_path: str | Path | None) -> None:
-        self.weak = weak_config(view)
-        self.strong = strong_config(strong)
-        self.store = PseudoLabelStore(store_path) if store_path is not None else None
-
-    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
-        weak = make_weak_view(sample["image"], None, self.weak, gen)
-        strong = make_strong_view(weak, self.strong, gen)
-        out = {
-            "index": sample["index"],
-            "full": sample["image"],
-            "weak_image": weak.image,
-            "weak_coords": weak.coords,
-            "weak_valid": weak.valid,
-            "image": strong.image,
-            "coords": strong.coords,
-            "coords_in_weak": strong.coords_in_weak,
-            "valid": strong.valid,
-        }
-        if self.store is not None:
-            rec = self.store.get(sample["id"])  # aligned by id, never by position
-            out["soft"] = torch.from_numpy(rec["soft"]) if "soft" in rec else None
-            out["pl_label"] = torch.from_numpy(rec["label"].astype(np.int64))
-            out["pl_conf"] = torch.from_numpy(rec["conf"])
-        return out
+from pipeline.views import downsample_valid, warp_to_view
 
 
 class ProDATask:
@@ -155,16 +126,16 @@ class ProDATask:
 
 
 @torch.no_grad()
-def rectified_quality(ctx: Context, task: ProDATask, store_path: Path, threshold: float) -> dict | None:
+def rectified_quality(ctx: Context, data: Data, task: ProDATask, store_path: Path, batch_size: int) -> dict | None:
     """Quality of raw vs rectified pseudo labels on target train (full images, final EMA and prototypes)."""
-    gt_ds = dataset(ctx, "target_train", with_labels=True)
+    gt_ds = data.dataset("target_train", with_labels=True)
     if not any(r.label for r in gt_ds.records):
         return None
     store = PseudoLabelStore(store_path)
-    raw_acc = QualityAccumulator(ctx.num_classes, threshold)
-    rect_acc = QualityAccumulator(ctx.num_classes, threshold)
+    raw_acc = QualityAccumulator(ctx.num_classes, 0.0)
+    rect_acc = QualityAccumulator(ctx.num_classes, 0.0)
     ema = task.ema.module.eval()
-    bs = ctx.params.evaluate.batch_size
+    bs = batch_size
     for start in range(0, len(gt_ds), bs):
         samples = [gt_ds.load(i) for i in range(start, min(start + bs, len(gt_ds)))]
         batch = collate(samples)
@@ -180,12 +151,26 @@ def rectified_quality(ctx: Context, task: ProDATask, store_path: Path, threshold
     return {"raw": raw_acc.summary(ctx.class_names), "rectified": rect_acc.summary(ctx.class_names)}
 
 
-def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path) -> dict:
-    p = ctx.params.adapt
+def train_adapt(
+    ctx: Context,
+    data: Data,
+    p: AdaptParams,
+    warmup: Path,
+    store_path: Path,
+    protos_path: Path,
+    out: TrainOutputs,
+    rectified_metrics: Path,
+    eval_batch: int,
+) -> dict:
+    """Stage 1 from the warm-up model file, its soft pseudo labels and initial prototypes.
+
+    Writes ``out`` (plus ``prototypes.pt`` and ``ema.pt`` in ``out.models``) and the raw vs rectified
+    pseudo-label quality to ``rectified_metrics`` when target train has ground truth.
+    """
     model = load_model(warmup, ctx)
     model.train()
     store = PseudoLabelStore(store_path)
-    tgt_ds_ids = dataset(ctx, "target_train", with_labels=False).ids
+    tgt_ds_ids = data.dataset("target_train", with_labels=False).ids
     store.check_matches(tgt_ds_ids, ctx.class_names)
     if not store.has_soft:
         raise ValueError(f"pseudo-label store {store_path} has no soft labels; stage 1 needs them")
@@ -197,29 +182,27 @@ def train_adapt(ctx: Context, warmup: Path, store_path: Path, protos_path: Path)
     task = ProDATask(ctx, model, bank, p)
     bs = p.optim.batch_size
     streams = {
-        "source": stream(ctx, "source", True, WeakTransform(p.view), bs, salt=0),
-        "target": stream(ctx, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1),
+        "source": stream(ctx, data, "source", True, WeakTransform(p.view), bs, salt=0),
+        "target": stream(ctx, data, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1),
     }
-    inputs = [ckpt.sha256_file(x) for x in (warmup, protos_path, manifest_path("source"))] + [store.checkpoint_sha256]
+    inputs = [sha256_file(x) for x in (warmup, protos_path, data.manifest("source"))] + [store.checkpoint_sha256]
     metrics = run_training(
         ctx,
         task,
         streams,
         p.optim,
-        ctx.params.model,
-        out_dir=Path("models/adapt"),
-        metrics_path=Path("metrics/adapt.json"),
-        plots_dir=Path("plots/adapt"),
+        model_params_of(warmup),
+        evaluator=make_evaluator(ctx, data, eval_batch),
+        out=out,
         loss_names=ProDATask.loss_names(p),
+        section=p.model_dump(mode="json"),
         inputs=inputs,
     )
     if ctx.info.is_main:
-        task.bank.save(Path("models/adapt/prototypes.pt"), ctx.class_names)
-        ckpt.save_atomic(task.ema.state_dict(), Path("models/adapt/ema.pt"))
-        q = ctx.step("rectified_quality", rectified_quality, ctx, task, store_path, 0.0)
+        task.bank.save(out.models / "prototypes.pt", ctx.class_names)
+        ckpt.save_atomic(task.ema.state_dict(), out.models / "ema.pt")
+        q = ctx.step("rectified_quality", rectified_quality, ctx, data, task, store_path, eval_batch)
         if q is not None:
             metrics["rectified_pseudo_labels"] = {k: v["miou"] for k, v in q.items()}
-            write_json(
-                "metrics/adapt_rectified.json", {k: {m: v[m] for m in ("pixel_acc", "miou")} for k, v in q.items()}
-            )
+            write_json(rectified_metrics, {k: {m: v[m] for m in ("pixel_acc", "miou")} for k, v in q.items()})
     return metrics

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.files import atomic_path
 
 
 class CheckpointError(ValueError):
@@ -18,11 +19,8 @@ class CheckpointError(ValueError):
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a sibling temp file, then rename: a kill never leaves a half-written file at `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load(path: str | Path) -> dict:
@@ -33,14 +31,6 @@ def load(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt or foreign file: say which
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

@@ -28,10 +28,6 @@ Prob = Annotated[float, Field(ge=0, le=1)]
 Size = tuple[PosInt, PosInt]  # (height, width)
 
 
-# Where `generate` writes the embedded dataset: fixed by dvc.yaml's declared output.
-EMBEDDED_ROOT = "data/embedded"
-
-
 class ParamsError(ValueError):
     """A parameter file that cannot be used; the message names the file and the key."""
 
@@ -44,7 +40,7 @@ class Strict(BaseModel):
 class EmbeddedParams(Strict):
     """The procedurally generated default dataset (GTA5 layout source, Cityscapes layout target).
 
-    The style sections override the generator's domain defaults knob by knob (``pipeline.synth.SynthStyle``
+    The style sections override the generator's domain defaults knob by knob (``pipeline.synth_style.SynthStyle``
     documents each); an unknown knob is an error.
     """
 
@@ -54,13 +50,13 @@ class EmbeddedParams(Strict):
     n_source: PosInt
     n_target_train: PosInt
     n_target_val: PosInt
-    source_style: dict[str, Any] = {}
-    target_style: dict[str, Any] = {}
+    source_style: dict[str, Any]
+    target_style: dict[str, Any]
 
     @field_validator("source_style", "target_style")
     @classmethod
     def _known_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.synth import SynthStyle
+        from pipeline.synth_style import SynthStyle
 
         known = {f.name for f in fields(SynthStyle)}
         unknown = sorted(set(v) - known)
@@ -70,7 +66,7 @@ class EmbeddedParams(Strict):
         return v
 
     def synth_config(self):
-        from pipeline.synth import SynthConfig, SynthStyle, source_style, target_style
+        from pipeline.synth_style import SynthConfig, SynthStyle, source_style, target_style
 
         return SynthConfig(
             seed=self.seed,
@@ -88,16 +84,16 @@ class DomainParams(Strict):
     kind: Literal["gta5", "synthia", "cityscapes"]
     root: str
     # Optional (height, width) the images are resized to when read (the paper resizes GTA5 to 1280x720).
-    resize: Size | None = None
+    resize: Size | None
 
 
 class DataParams(Strict):
-    # When set, `prepare` generates the embedded dataset into the source/target roots first.
-    embedded: EmbeddedParams | None = None
+    # When set, the `generate` stage writes the embedded dataset; the source/target roots must point into it.
+    embedded: EmbeddedParams | None
     source: DomainParams
     target: DomainParams
     num_classes: Literal[19, 16, 13]
-    num_workers: NonNegInt = 0
+    num_workers: NonNegInt
 
     @model_validator(mode="after")
     def _check_kinds(self) -> DataParams:
@@ -109,17 +105,6 @@ class DataParams(Strict):
             raise ValueError(f"data.num_classes: GTA5 has 19 classes, got {self.num_classes}")
         if self.source.kind == "synthia" and self.num_classes == 19:
             raise ValueError("data.num_classes: SYNTHIA has 16 classes (or the 13-class subset), got 19")
-        if self.embedded is not None:
-            for key, dom, sub, kind in (
-                ("source", self.source, "source", "gta5"),
-                ("target", self.target, "target", "cityscapes"),
-            ):
-                want = f"{EMBEDDED_ROOT}/{sub}"
-                if Path(dom.root) != Path(want) or dom.kind != kind:
-                    raise ValueError(
-                        f"data.{key}: with data.embedded set, the {key} must be kind '{kind}' at '{want}' "
-                        f"(the generated data); set data.embedded to null to use other data"
-                    )
         return self
 
     def image_size(self, domain: Literal["source", "target"]) -> Size | None:
@@ -134,24 +119,24 @@ class DataParams(Strict):
 # ---------------------------------------------------------------------------------------------- model
 class ModelParams(Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"]
-    width: PosInt = 64
-    output_stride: Literal[8, 16, 32] = 8
-    feat_dim: PosInt = 256
-    head_dilations: tuple[PosInt, ...] = (6, 12, 18, 24)
-    dropout: Prob = 0.1
-    gn_groups: PosInt = 32
-    se_reduction: PosInt = 16
-    freeze_bn: bool = False
+    width: PosInt
+    output_stride: Literal[8, 16, 32]
+    feat_dim: PosInt
+    head_dilations: tuple[PosInt, ...]
+    dropout: Prob
+    gn_groups: PosInt
+    se_reduction: PosInt
+    freeze_bn: bool
     # Local torchvision-format ResNet state dict; never downloaded. null = random init.
-    pretrained: str | None = None
+    pretrained: str | None
 
 
 # ------------------------------------------------------------------------------------------- training
 class ViewParams(Strict):
     crop: Size
     # Random rescale factor range relative to the (resized) image.
-    scale_range: tuple[PosFloat, PosFloat] = (0.5, 1.5)
-    hflip_p: Prob = 0.5
+    scale_range: tuple[PosFloat, PosFloat]
+    hflip_p: Prob
 
     @model_validator(mode="after")
     def _order(self) -> ViewParams:
@@ -161,42 +146,42 @@ class ViewParams(Strict):
 
 
 class StrongParams(Strict):
-    num_ops: NonNegInt = 2
-    magnitude_range: tuple[PosInt, PosInt] = (1, 9)
-    op_p: Prob = 0.5
-    cutout: bool = True
-    cutout_frac: Prob = 1 / 3
-    hflip_p: Prob = 0.5  # the public RandAugmentMC flips the strong view before its ops
+    num_ops: NonNegInt
+    magnitude_range: tuple[PosInt, PosInt]
+    op_p: Prob
+    cutout: bool
+    cutout_frac: Prob
+    hflip_p: Prob  # the public RandAugmentMC flips the strong view before its ops
 
 
 class OptimParams(Strict):
     iters: PosInt
     batch_size: PosInt  # global batch (split over DDP ranks)
-    accum_steps: PosInt = 1
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    accum_steps: PosInt
+    optimizer: Literal["sgd", "adam"]
     lr: PosFloat
-    head_lr_mult: PosFloat = 10.0
-    momentum: NonNegFloat = 0.9
-    weight_decay: NonNegFloat = 2e-4
-    poly_power: NonNegFloat = 0.9
-    amp: bool = True  # bf16 autocast (GPU and CPU)
-    eval_every: NonNegInt = 0  # 0: only at the end
-    ckpt_every: PosInt = 100
-    log_every: PosInt = 10
+    head_lr_mult: PosFloat
+    momentum: NonNegFloat
+    weight_decay: NonNegFloat
+    poly_power: NonNegFloat
+    amp: bool  # bf16 autocast (GPU and CPU)
+    eval_every: NonNegInt  # 0: only at the end
+    ckpt_every: PosInt
+    log_every: PosInt
 
 
 class AdversarialParams(Strict):
-    enabled: bool = False
-    weight: NonNegFloat = 0.01
-    lr: PosFloat = 1e-4
-    betas: tuple[Prob, Prob] = (0.9, 0.99)
-    ndf: PosInt = 64
+    enabled: bool
+    weight: NonNegFloat
+    lr: PosFloat
+    betas: tuple[Prob, Prob]
+    ndf: PosInt
 
 
 class WarmupParams(Strict):
     optim: OptimParams
     view: ViewParams
-    adversarial: AdversarialParams = AdversarialParams()
+    adversarial: AdversarialParams
     # After source training, re-estimate BatchNorm statistics on the unlabelled target train images (AdaBN);
     # the model as trained is kept as models/warmup/source_only.pt, the report's source-only row.
     target_bn: bool
@@ -208,55 +193,55 @@ class OracleParams(Strict):
 
 
 class PseudoLabelParams(Strict):
-    batch_size: PosInt = 4
-    soft_dtype: Literal["float16", "uint8"] = "float16"
+    batch_size: PosInt
+    soft_dtype: Literal["float16", "uint8"]
     # Confidence threshold used only to report pseudo-label quality (coverage, accuracy of kept pixels).
-    quality_threshold: Prob = 0.0
+    quality_threshold: Prob
 
 
 class PrototypeParams(Strict):
-    min_pixels: PosInt = 10
-    batch_size: PosInt = 4
+    min_pixels: PosInt
+    batch_size: PosInt
 
 
 class LossSwitch(Strict):
-    enabled: bool = True
-    weight: NonNegFloat = 1.0
+    enabled: bool
+    weight: NonNegFloat
 
 
 class AdaptParams(Strict):
     optim: OptimParams
     view: ViewParams
-    strong: StrongParams = StrongParams()
-    ema_momentum: Prob = 0.999
-    proto_momentum: Prob = 0.9999
-    tau: PosFloat = 1.0
-    min_pixels: PosInt = 10
+    strong: StrongParams
+    ema_momentum: Prob
+    proto_momentum: Prob
+    tau: PosFloat
+    min_pixels: PosInt
     # Target-side terms are computed at this fraction of the crop (the paper: 1/4).
-    target_scale: Prob = 0.25
-    source_ce: LossSwitch = LossSwitch()
-    rectify: bool = True
+    target_scale: Prob
+    source_ce: LossSwitch
+    rectify: bool
     # Symmetric CE on the rectified label; with sce.enabled false a plain CE is used.
-    sce: LossSwitch = LossSwitch()
-    sce_alpha: NonNegFloat = 0.1
-    sce_beta: NonNegFloat = 1.0
-    conf_threshold: Prob = 0.0
-    structure_kl: LossSwitch = LossSwitch(weight=10.0)
-    regulariser: LossSwitch = LossSwitch(weight=0.1)
+    sce: LossSwitch
+    sce_alpha: NonNegFloat
+    sce_beta: NonNegFloat
+    conf_threshold: Prob
+    structure_kl: LossSwitch
+    regulariser: LossSwitch
     # BatchNorm running statistics follow the target only (source forwards do not update them).
     target_bn: bool
 
 
 class TeacherParams(Strict):
-    batch_size: PosInt = 4
-    flip: bool = True
-    store_soft: bool = True
-    soft_dtype: Literal["float16", "uint8"] = "float16"
-    conf_threshold: Prob = 0.95  # used for the quality report; consumers apply their own
+    batch_size: PosInt
+    flip: bool
+    store_soft: bool
+    soft_dtype: Literal["float16", "uint8"]
+    conf_threshold: Prob  # used for the quality report; consumers apply their own
 
 
 class RoundParams(Strict):
-    # Model directory of this round's teacher: models/adapt for round 1, models/distill_<r-1> after.
+    # Model directory of this round's teacher (dvc.yaml passes <teacher>/last.pt to teacher@r and distill@r).
     teacher: str
 
 
@@ -265,38 +250,34 @@ class DistillParams(Strict):
     rounds: dict[PosInt, RoundParams]
     optim: OptimParams
     view: ViewParams
-    strong: StrongParams = StrongParams()
-    conf_threshold: Prob = 0.95
-    kd_beta: NonNegFloat = 1.0
-    target_scale: Prob = 0.25
-    source_ce: LossSwitch = LossSwitch()
+    strong: StrongParams
+    conf_threshold: Prob
+    kd_beta: NonNegFloat
+    target_scale: Prob
+    source_ce: LossSwitch
     # "previous": start from the teacher's weights; "pretrained": backbone from model.pretrained_student.
-    student_init: Literal["previous", "pretrained", "scratch"] = "previous"
-    student_weights: str | None = None
+    student_init: Literal["previous", "pretrained", "scratch"]
+    student_weights: str | None
     target_bn: bool  # as adapt.target_bn
 
     @model_validator(mode="after")
     def _rounds(self) -> DistillParams:
         if sorted(self.rounds) != list(range(1, len(self.rounds) + 1)):
             raise ValueError(f"rounds: keys must be 1..N, got {sorted(self.rounds)}")
-        for r, spec in self.rounds.items():
-            want = "models/adapt" if r == 1 else f"models/distill_{r - 1}"
-            if spec.teacher.rstrip("/") != want:
-                raise ValueError(f"rounds.{r}.teacher: round {r} reads its teacher from '{want}', got '{spec.teacher}'")
         if self.student_init == "pretrained" and not self.student_weights:
             raise ValueError("student_weights: required when student_init is 'pretrained'")
         return self
 
 
 class EvaluateParams(Strict):
-    batch_size: PosInt = 4
-    n_overlays: NonNegInt = 4
+    batch_size: PosInt
+    n_overlays: NonNegInt
 
 
 class BaseParams(Strict):
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: NonNegInt = 0  # torch CPU threads; 0 = torch's default
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    threads: NonNegInt  # torch CPU threads; 0 = torch's default
 
 
 class Params(Strict):
@@ -305,12 +286,12 @@ class Params(Strict):
     model: ModelParams
     warmup: WarmupParams
     oracle: OracleParams
-    pseudo_label: PseudoLabelParams = PseudoLabelParams()
-    prototypes: PrototypeParams = PrototypeParams()
+    pseudo_label: PseudoLabelParams
+    prototypes: PrototypeParams
     adapt: AdaptParams
-    teacher: TeacherParams = TeacherParams()
+    teacher: TeacherParams
     distill: DistillParams
-    evaluate: EvaluateParams = EvaluateParams()
+    evaluate: EvaluateParams
 
     @model_validator(mode="after")
     def _crops_fit(self) -> Params:

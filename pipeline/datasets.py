@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import labels as L
+from pipeline.files import write_text
 
 Kind = Literal["gta5", "synthia", "cityscapes"]
 
@@ -236,11 +237,7 @@ def write_manifest(
         "ignore_pixels": int(counts[-1]),
         "files": [{"id": r.id, "image": r.image, "label": r.label} for r in records],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -250,6 +247,11 @@ def read_manifest(path: str | Path) -> list[Record]:
         raise DatasetError(f"manifest not found: {path} (run the prepare stage)")
     data = json.loads(path.read_text())
     return [Record(f["id"], f["image"], f["label"]) for f in data["files"]]
+
+
+def manifest_file(folder: str | Path, split: str) -> Path:
+    """The manifest of a split (``source``, ``target_train``, ``target_val``) in the manifests folder."""
+    return Path(folder) / f"{split}.json"
 
 
 def prepare_manifests(data, out_dir: str | Path, names: list[str]) -> dict:
@@ -265,6 +267,6 @@ def prepare_manifests(data, out_dir: str | Path, names: list[str]) -> dict:
         # Target-train labels are optional (unlabelled real data); they only feed quality metrics and oracle.
         recs = scan(kind, root, split, require_labels=name != "target_train")
         counts = validate_and_count(recs, LabelMapper(kind, data.num_classes))
-        write_manifest(out_dir / f"{name}.json", kind, split, recs, counts, names)
+        write_manifest(manifest_file(out_dir, name), kind, split, recs, counts, names)
         summary[name] = {"images": len(recs), "labelled": sum(r.label is not None for r in recs)}
     return summary

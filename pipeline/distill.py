@@ -9,54 +9,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import DistillParams
 from pipeline.engine import build_optimizer
+from pipeline.files import sha256_file
 from pipeline.labels import IGNORE_INDEX as IGNORE
 from pipeline.losses import kd_kl, masked_ce_hard
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.pseudo_store import PseudoLabelStore
-from pipeline.runtime import Context, dataset, load_model, manifest_path, model_params_of, new_model
+from pipeline.runtime import Context, Data, load_model, model_params_of, new_model
 from pipeline.training import (
+    TargetViews,
+    TrainOutputs,
     WeakTransform,
+    make_evaluator,
     run_training,
     source_forward,
     stream,
-    strong_config,
     target_size,
     upsample,
-    weak_config,
     wrap_ddp,
 )
-from pipeline.views import downsample_valid, make_strong_view, make_weak_view, warp_to_view
-
-
-class TeacherViews:
-    """Target sample for KD: strong view (on a weak one) plus the teacher's stored labels, confidence, soft."""
-
-    def __init__(self, p: DistillParams, store_path: str | Path) -> None:
-        self.weak, self.strong = weak_config(p.view), strong_config(p.strong)
-        self.store = PseudoLabelStore(store_path)
-
-    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
-        weak = make_weak_view(sample["image"], None, self.weak, gen)
-        strong = make_strong_view(weak, self.strong, gen)
-        rec = self.store.get(sample["id"])
-        out = {
-            "index": sample["index"],
-            "image": strong.image,
-            "coords": strong.coords,
-            "valid": strong.valid,
-            "t_label": torch.from_numpy(rec["label"].astype(np.int64)),
-            "t_conf": torch.from_numpy(rec["conf"]),
-        }
-        if "soft" in rec:
-            out["t_soft"] = torch.from_numpy(rec["soft"])
-        return out
+from pipeline.views import downsample_valid, warp_to_view
 
 
 class DistillTask:
@@ -89,15 +65,15 @@ class DistillTask:
         s_logits = upsample(self.net(tgt["image"])[0], out_size)
         with torch.no_grad():
             valid = downsample_valid(tgt["valid"], out_size)
-            if "t_soft" in tgt:
+            if "soft" in tgt:
                 # Labels and confidence from the bilinearly warped soft map: the stride-8 hard map warped
                 # nearest loses thin structures (perfect ground truth pooled that way: 40.0 vs 44.9 mIoU).
-                t_soft = warp_to_view(tgt["t_soft"].float(), tgt["coords"], out_size)
+                t_soft = warp_to_view(tgt["soft"].float(), tgt["coords"], out_size)
                 conf, label = t_soft.max(dim=1)
             else:
                 t_soft = None
-                label = warp_to_view(tgt["t_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)
-                conf = warp_to_view(tgt["t_conf"].float(), tgt["coords"], out_size, mode="nearest")
+                label = warp_to_view(tgt["pl_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)
+                conf = warp_to_view(tgt["pl_conf"].float(), tgt["coords"], out_size, mode="nearest")
             label = torch.where(valid, label, torch.full_like(label, IGNORE))
         hard = masked_ce_hard(s_logits, label, conf, p.conf_threshold, IGNORE)
         total = total + hard
@@ -120,15 +96,19 @@ def student(ctx: Context, p: DistillParams, teacher_path: Path) -> nn.Module:
     return model.to(ctx.info.device)
 
 
-def train_distill(ctx: Context, r: int) -> dict:
-    p = ctx.params.distill
-    rounds = p.rounds
-    if r not in rounds:
-        raise ValueError(f"round {r} is not in distill.rounds {sorted(rounds)}")
-    teacher_path = Path(rounds[r].teacher) / "last.pt"
-    store_path = Path(f"pseudo/teacher_{r}.zarr")
+def train_distill(
+    ctx: Context,
+    data: Data,
+    p: DistillParams,
+    r: int,
+    teacher_path: Path,
+    store_path: Path,
+    out: TrainOutputs,
+    eval_batch: int,
+) -> dict:
+    """KD round ``r``: a student learns from the teacher's labels in ``store_path``; writes ``out``."""
     store = PseudoLabelStore(store_path)
-    store.check_matches(dataset(ctx, "target_train", with_labels=False).ids, ctx.class_names)
+    store.check_matches(data.dataset("target_train", with_labels=False).ids, ctx.class_names)
     if p.kd_beta > 0 and not store.has_soft:
         raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
     model = student(ctx, p, teacher_path)
@@ -136,19 +116,19 @@ def train_distill(ctx: Context, r: int) -> dict:
     task = DistillTask(ctx, model, p)
     bs = p.optim.batch_size
     streams = {
-        "source": stream(ctx, "source", True, WeakTransform(p.view), bs, salt=0),
-        "target": stream(ctx, "target_train", False, TeacherViews(p, store_path), bs, salt=1 + r),
+        "source": stream(ctx, data, "source", True, WeakTransform(p.view), bs, salt=0),
+        "target": stream(ctx, data, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1 + r),
     }
-    inputs = [ckpt.sha256_file(teacher_path), store.checkpoint_sha256, ckpt.sha256_file(manifest_path("source")), r]
+    inputs = [sha256_file(teacher_path), store.checkpoint_sha256, sha256_file(data.manifest("source")), r]
     return run_training(
         ctx,
         task,
         streams,
         p.optim,
         model_params_of(teacher_path),
-        out_dir=Path(f"models/distill_{r}"),
-        metrics_path=Path(f"metrics/distill_{r}.json"),
-        plots_dir=Path(f"plots/distill_{r}"),
+        evaluator=make_evaluator(ctx, data, eval_batch),
+        out=out,
         loss_names=DistillTask.loss_names(p),
+        section=p.model_dump(mode="json"),
         inputs=inputs,
     )

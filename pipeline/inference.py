@@ -13,10 +13,11 @@ from tqdm import tqdm
 
 from pipeline.datasets import SegDataset
 from pipeline.engine import autocast, collate
+from pipeline.files import sha256_file, write_csv, write_json
 from pipeline.prototypes import PrototypeAccumulator, PrototypeBank
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter, sha256_file
+from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter
 from pipeline.quality import evaluate_store_quality, write_quality
-from pipeline.runtime import Context, dataset, write_json
+from pipeline.runtime import Context, Data
 
 
 def _loader(ds: SegDataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
@@ -36,6 +37,7 @@ def softmax_at_stride(model: nn.Module, images: torch.Tensor, flip: bool, amp: b
 
 def write_pseudo_labels(
     ctx: Context,
+    data: Data,
     model: nn.Module,
     model_path: str | Path,
     out: str | Path,
@@ -47,7 +49,7 @@ def write_pseudo_labels(
 ) -> dict:
     """Pseudo labels for every target-train image, no augmentation, written atomically to a zarr store."""
     model.eval()
-    ds = dataset(ctx, "target_train", with_labels=False)
+    ds = data.dataset("target_train", with_labels=False)
     first = ds.load(0)["image"]
     stride = model.output_stride
     h, w = -(-first.shape[1] // stride), -(-first.shape[2] // stride)
@@ -65,7 +67,7 @@ def write_pseudo_labels(
         extra={"flip": flip, "source_model": str(model_path)},
     ) as writer:
         start = 0
-        for batch in tqdm(_loader(ds, batch_size, ctx.params.data.num_workers), desc=ctx.stage, dynamic_ncols=True):
+        for batch in tqdm(_loader(ds, batch_size, data.num_workers), desc=ctx.stage, dynamic_ncols=True):
             tc = time.time()
             prob = softmax_at_stride(model, batch["image"].to(ctx.info.device), flip)
             if prob.shape[-2:] != (h, w):
@@ -84,9 +86,9 @@ def write_pseudo_labels(
     }
 
 
-def gt_loader(ctx: Context):
+def gt_loader(data: Data):
     """Target-train ground truth by id (None for images without labels), and the dataset's ids."""
-    ds = dataset(ctx, "target_train", with_labels=True)
+    ds = data.dataset("target_train", with_labels=True)
     by_id = {r.id: i for i, r in enumerate(ds.records)}
 
     def load(image_id: str) -> np.ndarray | None:
@@ -99,17 +101,22 @@ def gt_loader(ctx: Context):
 
 
 def store_quality(
-    ctx: Context, store_path: str | Path, threshold: float, out_json: Path, out_csv: Path, extra: dict | None = None
+    ctx: Context,
+    data: Data,
+    store_path: str | Path,
+    threshold: float,
+    out_json: Path,
+    out_csv: Path,
+    extra: dict | None = None,
 ) -> dict | None:
     """Pseudo-label quality against target-train ground truth when it exists; otherwise a log line, no file."""
-    gt, ids = gt_loader(ctx)
+    gt, ids = gt_loader(data)
     store = PseudoLabelStore(store_path)
     store.check_matches(ids, ctx.class_names)
     summary = evaluate_store_quality(store, gt, threshold, ctx.class_names)
     if summary is None:
         write_json(out_json, {"skipped": "no ground truth for the target-train split", **(extra or {})})
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        out_csv.write_text("class,iou,kept_pixels,gt_pixels\n")
+        write_csv(out_csv, [["class", "iou", "kept_pixels", "gt_pixels"]])
         return None
     summary.update({"threshold": threshold, **(extra or {})})
     write_quality(out_json, out_csv, summary, ctx.class_names)
@@ -118,15 +125,15 @@ def store_quality(
 
 @torch.no_grad()
 def init_prototypes(
-    ctx: Context, model: nn.Module, store_path: str | Path, min_pixels: int, batch_size: int
+    ctx: Context, data: Data, model: nn.Module, store_path: str | Path, min_pixels: int, batch_size: int
 ) -> PrototypeBank:
     """Per image and class, mean pre-classifier feature of the pixels the store labels as that class, averaged."""
     model.eval()
-    ds = dataset(ctx, "target_train", with_labels=False)
+    ds = data.dataset("target_train", with_labels=False)
     store = PseudoLabelStore(store_path)
     store.check_matches(ds.ids, ctx.class_names)
     acc = PrototypeAccumulator(ctx.num_classes, model.feat_dim, device=ctx.info.device)
-    for batch in tqdm(_loader(ds, batch_size, ctx.params.data.num_workers), desc=ctx.stage, dynamic_ncols=True):
+    for batch in tqdm(_loader(ds, batch_size, data.num_workers), desc=ctx.stage, dynamic_ncols=True):
         with autocast(ctx.info.device, True):
             feat = model(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
         labels = torch.stack([torch.from_numpy(store.get(i)["label"].astype(np.int64)) for i in batch["id"]])

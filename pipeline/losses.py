@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.ignore import IGNORE_INDEX
+
 __all__ = [
     "cross_entropy",
     "symmetric_ce",
@@ -75,7 +77,7 @@ def _check_target(logits: Tensor, target: Tensor) -> None:
         )
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Pixel-wise cross entropy, mean over pixels whose target is not ``ignore_index``."""
     _check_target(logits, target)
     logits = _match_size(logits, target.shape[-2:])
@@ -90,7 +92,7 @@ def symmetric_ce(
     target: Tensor,
     alpha: float,
     beta: float,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     log_clamp: float = 1e-4,
 ) -> Tensor:
     """Symmetric cross entropy (Wang et al., ICCV 2019): ``alpha * CE + beta * RCE``.
@@ -208,7 +210,7 @@ def masked_ce_hard(
     target: Tensor,
     conf: Tensor,
     threshold: float,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
     """Cross entropy on hard pseudo labels, only where the teacher's confidence ``conf >= threshold``.
 

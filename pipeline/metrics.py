@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pipeline.files import write_csv
+from pipeline.ignore import IGNORE_INDEX
 
 
 class ConfusionMatrix:
@@ -19,7 +20,7 @@ class ConfusionMatrix:
     of its ground-truth class that is no class's false positive.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.counts = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
@@ -73,21 +74,10 @@ class ConfusionMatrix:
         }
 
 
-def write_metrics_json(path: str | Path, metrics: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-
-
 def write_per_class_csv(path: str | Path, class_names: Sequence[str], iou: np.ndarray) -> None:
     """Per-class IoU as a CSV table (``class,iou``) for ``dvc plots``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["class", "iou"])
-        for name, v in zip(class_names, iou):
-            w.writerow([name, "" if np.isnan(v) else round(100.0 * float(v), 4)])
+    rows = [[name, "" if np.isnan(v) else round(100.0 * float(v), 4)] for name, v in zip(class_names, iou)]
+    write_csv(path, [["class", "iou"], *rows])
 
 
 def confusion_from_label_id_pngs(

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
+from pipeline.distributed import unwrap
+
 __all__ = [
     "BACKBONES",
     "BasicBlock",
@@ -31,8 +33,6 @@ __all__ = [
     "freeze_batchnorm",
     "load_backbone_weights",
     "param_groups",
-    "poly_lr",
-    "set_lr",
 ]
 
 # name -> (block, blocks per stage), as in torchvision.
@@ -371,12 +371,6 @@ def load_backbone_weights(model: SegModel, path: str | Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- EMA
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DataParallel keep the real network under .module.
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
 class source_bn_frozen:
     """Context: BatchNorm layers normalise with the batch's statistics but leave their running ones alone.
 
@@ -436,14 +430,14 @@ class ModelEMA:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
-        self.module = copy.deepcopy(_unwrap(model))
+        self.module = copy.deepcopy(unwrap(model))
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        src = _unwrap(model)
+        src = unwrap(model)
         params = dict(src.named_parameters())
         m = self.momentum
         for name, ema_p in self.module.named_parameters():
@@ -486,9 +480,9 @@ class Discriminator(nn.Module):
 def param_groups(model: SegModel, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
     """SGD groups: backbone at ``lr``, head at ``lr·head_lr_mult``; frozen params and empty groups skipped.
 
-    Each group records "base_lr" so ``set_lr`` can apply the poly schedule from it.
+    Each group records "base_lr" so the engine's poly schedule can scale from it.
     """
-    model = _unwrap(model)  # type: ignore[assignment]
+    model = unwrap(model)  # type: ignore[assignment]
     groups = []
     for name, params, group_lr in (
         ("backbone", model.backbone_parameters(), lr),
@@ -506,24 +500,3 @@ def param_groups(model: SegModel, lr: float, head_lr_mult: float, weight_decay: 
                 }
             )
     return groups
-
-
-def poly_lr(base_lr: float, it: int, max_iters: int, power: float = 0.9) -> float:
-    """base·(1 − it/max_iters)^power; 0 from ``max_iters`` on (the public code went complex past the end)."""
-    if max_iters <= 0:
-        raise ValueError(f"max_iters must be positive, got {max_iters}")
-    if it < 0:
-        raise ValueError(f"iteration must be >= 0, got {it}")
-    frac = 1.0 - it / max_iters
-    return base_lr * frac**power if frac > 0 else 0.0
-
-
-def set_lr(optimizer: torch.optim.Optimizer, it: int, max_iters: int, power: float = 0.9) -> list[float]:
-    """Apply the poly schedule to every group from its "base_lr" (recorded from the current lr if absent,
-    so call this first at it=0). Returns the new learning rates."""
-    lrs = []
-    for g in optimizer.param_groups:
-        base = g.setdefault("base_lr", g["lr"])
-        g["lr"] = poly_lr(base, it, max_iters, power)
-        lrs.append(g["lr"])
-    return lrs

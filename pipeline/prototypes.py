@@ -8,7 +8,6 @@ of their precision and the prototypes must be identical on every rank.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.distributed import is_dist
+from pipeline.files import atomic_path
+from pipeline.ignore import IGNORE_INDEX
 
 __all__ = [
     "proto_logits",
@@ -75,7 +78,7 @@ def rectify(
     soft_pseudo: Tensor,
     weights: Tensor,
     conf_threshold: float = 0.0,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Online prototypical rectification: ``y_hat = argmax_k(omega_k * p0_k)``.
@@ -111,7 +114,7 @@ def class_feature_sums(
     labels: Tensor,
     num_classes: int,
     min_pixels: int = 10,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, Tensor]:
     """Per image and class, the mean feature over the pixels labelled with that class.
 
@@ -141,17 +144,13 @@ def class_feature_sums(
     return means, present
 
 
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _gather(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Concatenate ``x`` ([n, ...], n may differ per rank) from all ranks along dim 0, in rank order.
 
     A no-op without an initialised process group. ``all_gather`` needs equal shapes, so every rank pads to
     the largest ``n`` and the padding is cut off again.
     """
-    if not _dist_on():
+    if not is_dist():
         return x
     world = dist.get_world_size(group)
     n_local = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
@@ -213,15 +212,8 @@ class PrototypeBank(nn.Module):
             "class_names": [str(c) for c in class_names],
             "feat_dim": int(self.feat_dim),
         }
-        # Write then rename, so an interrupted save never leaves a truncated artefact behind.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def from_file(
@@ -260,7 +252,7 @@ class PrototypeBank(nn.Module):
         labels: Tensor,
         momentum_lambda: float,
         min_pixels: int = 10,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         group: dist.ProcessGroup | None = None,
     ) -> None:
         """Stage-1c prototype update: ``eta_k <- lambda * eta_k + (1 - lambda) * mean`` per image and class.
@@ -302,7 +294,7 @@ class PrototypeAccumulator:
         self._reduced = False
 
     @torch.no_grad()
-    def update(self, feat: Tensor, labels: Tensor, min_pixels: int = 10, ignore_index: int = 255) -> None:
+    def update(self, feat: Tensor, labels: Tensor, min_pixels: int = 10, ignore_index: int = IGNORE_INDEX) -> None:
         if self._reduced:
             raise RuntimeError("PrototypeAccumulator.update after all_reduce would double count other ranks")
         means, present = class_feature_sums(feat.detach(), labels, self.num_classes, min_pixels, ignore_index)
@@ -321,7 +313,7 @@ class PrototypeAccumulator:
         """Sum the statistics of all ranks (once; a no-op without an initialised process group)."""
         if self._reduced:
             return
-        if _dist_on():
+        if is_dist():
             dist.all_reduce(self.sums, op=dist.ReduceOp.SUM, group=group)
             dist.all_reduce(self.counts, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True

@@ -20,7 +20,6 @@ probabilities, but the argmax of the stored ``soft`` can differ from ``label`` w
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import queue
@@ -35,9 +34,10 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline.ignore import IGNORE_INDEX
+
 FORMAT_NAME = "proda-pseudo-labels"
 FORMAT_VERSION = 1
-IGNORE_LABEL = 255
 SOFT_DTYPES = ("float16", "uint8")
 
 # Labels are small and very compressible, so a high level is cheap. For float16 probabilities zstd level 1
@@ -45,15 +45,6 @@ SOFT_DTYPES = ("float16", "uint8")
 # writer must keep up with the forward pass. zarr compresses the chunks of one write in a thread pool.
 _LABEL_CODEC = ZstdCodec(level=9)
 _FLOAT_CODEC = ZstdCodec(level=1)
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's contents, read in chunks (checkpoints can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while chunk := fh.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tmp_path_for(path: str | Path) -> Path:
@@ -113,8 +104,8 @@ class PseudoLabelWriter:
         self.queue_size = queue_size
         if soft_dtype not in SOFT_DTYPES:
             raise ValueError(f"soft_dtype must be one of {SOFT_DTYPES}, got {soft_dtype!r}")
-        if not 0 < self.num_classes < IGNORE_LABEL:
-            raise ValueError(f"need 1..{IGNORE_LABEL - 1} classes ({IGNORE_LABEL} is ignore), got {self.num_classes}")
+        if not 0 < self.num_classes < IGNORE_INDEX:
+            raise ValueError(f"need 1..{IGNORE_INDEX - 1} classes ({IGNORE_INDEX} is ignore), got {self.num_classes}")
         if len(set(self.ids)) != len(self.ids):
             dup = sorted({i for i in self.ids if self.ids.count(i) > 1})[:5]
             raise ValueError(f"duplicate image ids (lookup is by id): {dup}")
@@ -138,7 +129,7 @@ class PseudoLabelWriter:
             "checkpoint_sha256": self.checkpoint_sha256,
             "has_soft": self.store_soft,
             "soft_dtype": self.soft_dtype if self.store_soft else None,
-            "ignore_label": IGNORE_LABEL,
+            "ignore_label": IGNORE_INDEX,
             "extra": self.extra,
         }
 
@@ -157,7 +148,7 @@ class PseudoLabelWriter:
                 dtype="uint8",
                 chunks=(1, h, w),
                 compressors=_LABEL_CODEC,
-                fill_value=IGNORE_LABEL,
+                fill_value=IGNORE_INDEX,
             )
             self._arrays["conf"] = group.create_array(
                 "conf",

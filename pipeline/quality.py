@@ -20,7 +20,6 @@ Pseudo labels at a lower resolution than the ground truth are upsampled (nearest
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.metrics import ConfusionMatrix, write_metrics_json
+from pipeline.files import write_csv, write_json
+from pipeline.ignore import IGNORE_INDEX
+from pipeline.metrics import ConfusionMatrix
 from pipeline.pseudo_store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def keep_mask(conf: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray |
 class QualityAccumulator:
     """Accumulates pseudo-label quality over images; see the module docstring for the definitions."""
 
-    def __init__(self, num_classes: int, threshold: float, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, threshold: float, ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
         self.threshold = float(threshold)
         self.ignore_index = ignore_index
@@ -123,22 +124,13 @@ def write_quality(
 
     CSV columns: ``class, iou, kept_pixels, gt_pixels`` (iou in percent, empty where undefined).
     """
-    write_metrics_json(out_json, summary)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["class", "iou", "kept_pixels", "gt_pixels"])
-        for name in class_names:
-            iou = summary["per_class_iou"].get(name)
-            w.writerow(
-                [
-                    name,
-                    "" if iou is None else iou,
-                    summary["kept_pixels"].get(name, 0),
-                    summary["gt_pixels"].get(name, 0),
-                ]
-            )
+    write_json(out_json, summary)
+    rows = [
+        [name, "" if (iou := summary["per_class_iou"].get(name)) is None else iou]
+        + [summary["kept_pixels"].get(name, 0), summary["gt_pixels"].get(name, 0)]
+        for name in class_names
+    ]
+    write_csv(out_csv, [["class", "iou", "kept_pixels", "gt_pixels"], *rows])
 
 
 def _prefetch(

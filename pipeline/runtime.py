@@ -6,7 +6,6 @@ Paths between stages are declared in ``dvc.yaml`` and passed explicitly; nothing
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +15,22 @@ import numpy as np
 import torch
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import ModelParams, Params, load_params
-from pipeline.datasets import LabelMapper, SegDataset, read_manifest
+from pipeline.config import DataParams, ModelParams, Params, load_params
+from pipeline.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
 from pipeline.distributed import DistInfo, init_distributed
 from pipeline.labels import class_names
 from pipeline.models import SegModel, build_model
 
-MANIFESTS = Path("data/manifests")
-
 
 @dataclass
 class Context:
-    stage: str
-    params: Params
+    """What every stage shares: its run name, seed, devices/ranks, class names and step runner.
+
+    Stage sections of the parameters and artifact paths are never here: stage modules pass them explicitly.
+    """
+
+    stage: str  # run name for logs and resume state, e.g. ``distill@1``
+    seed: int
     info: DistInfo
     class_names: list[str]
     # The stage's Prefect-or-plain run (pipeline.flows.StageRun): `ctx.run.step(name, fn, ...)`.
@@ -46,13 +48,37 @@ class Context:
         return len(self.class_names)
 
 
+@dataclass(frozen=True)
+class Data:
+    """The prepared datasets: the ``data`` section and the folder of manifests the prepare stage wrote."""
+
+    params: DataParams
+    manifests: Path
+
+    def manifest(self, name: str) -> Path:
+        """Manifest of a split: ``source``, ``target_train`` or ``target_val``."""
+        return manifest_file(self.manifests, name)
+
+    def dataset(self, name: str, with_labels: bool, transform=None) -> SegDataset:
+        """Dataset of a split; unlabelled use of the target passes ``with_labels=False`` (labels never read)."""
+        d = self.params
+        domain = d.source if name == "source" else d.target
+        size = d.image_size("source" if name == "source" else "target")
+        mapper = LabelMapper(domain.kind, d.num_classes) if with_labels else None
+        return SegDataset(read_manifest(self.manifest(name)), mapper, size if domain.resize else None, transform)
+
+    @property
+    def num_workers(self) -> int:
+        return self.params.num_workers
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def setup(stage: str, params_path: str | Path = "params.yaml") -> Context:
+def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context, Params]:
     """Loads and validates params, sets threads/seeds/determinism, and joins the DDP group under torchrun."""
     params = load_params(params_path)
     if params.base.threads:
@@ -64,23 +90,7 @@ def setup(stage: str, params_path: str | Path = "params.yaml") -> Context:
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Fresh heads give tiny gradients; denormal arithmetic made early CPU steps 3-5x slower.
         torch.set_flush_denormal(True)
-    return Context(stage, params, info, class_names(params.data.num_classes))
-
-
-def manifest_path(name: str) -> Path:
-    return MANIFESTS / f"{name}.json"
-
-
-def dataset(ctx: Context, name: str, with_labels: bool, transform=None) -> SegDataset:
-    """Dataset from a prepare-stage manifest: ``source``, ``target_train`` or ``target_val``.
-
-    Unlabelled use of the target (adaptation) passes ``with_labels=False`` so ground truth is never read.
-    """
-    d = ctx.params.data
-    domain = d.source if name == "source" else d.target
-    size = d.image_size("source" if name == "source" else "target")
-    mapper = LabelMapper(domain.kind, d.num_classes) if with_labels else None
-    return SegDataset(read_manifest(manifest_path(name)), mapper, size if domain.resize else None, transform)
+    return Context(stage, params.base.seed, info, class_names(params.data.num_classes)), params
 
 
 def new_model(mp: ModelParams, num_classes: int) -> SegModel:
@@ -124,11 +134,3 @@ def load_model(path: str | Path, ctx: Context) -> SegModel:
 def model_params_of(path: str | Path) -> ModelParams:
     data = ckpt.load(path)
     return ModelParams.model_validate({**data["meta"]["model"], "pretrained": None})
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ParamsError
+from pipeline.config import Params, ParamsError
 from pipeline.datasets import DatasetError
 from pipeline.distributed import cleanup
 from pipeline.flows import StageRun
@@ -17,18 +19,28 @@ from pipeline.runtime import Context, setup
 USER_ERRORS = (ParamsError, DatasetError, CheckpointError, FileNotFoundError, ValueError)
 
 
-def run_stage(name: str, main: Callable[[Context], dict | None], params_path: str = "params.yaml") -> None:
-    """Runs `main(ctx)` as the stage `name`: a Prefect flow when a server answers, plain Python otherwise.
+def stage_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Argument parser of a stage module: dvc.yaml's ``cmd`` passes every input and output path."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: %(default)s)")
+    return ap
 
+
+def run_stage(
+    name: str, main: Callable[[Context, Params], dict | None], params_path: str | Path = "params.yaml"
+) -> None:
+    """Runs `main(ctx, params)` as the stage `name`: a Prefect flow when a server answers, plain Python otherwise.
+
+    `main` takes the sections it declares in dvc.yaml from `params` and hands the library explicit objects.
     A dict returned by `main` is published as the stage's metrics (a Prefect artifact in server mode).
     """
     code = 0
     try:
-        ctx = setup(name, params_path)
-        ctx.run = StageRun(name.split("@")[0], params=ctx.params.model_dump(mode="json"))
+        ctx, params = setup(name, params_path)
+        ctx.run = StageRun(name.split("@")[0], params=params.model_dump(mode="json"))
 
         def body(_run: StageRun) -> None:
-            metrics = main(ctx)
+            metrics = main(ctx, params)
             if metrics:
                 ctx.publish("metrics", metrics)
 

@@ -1,4 +1,4 @@
-"""Prints the run's final table from ``metrics/evaluate.json``: ``python -m pipeline.summary [path]``.
+"""Prints the run's final table from the evaluate stage's metrics: ``python -m pipeline.summary <metrics.json>``.
 
 ``make run`` calls it after ``dvc repro``; it reads only the metrics file, so it is instant.
 """
@@ -10,8 +10,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-DEFAULT = Path("metrics/evaluate.json")
 
 
 def _num(v: Any, fmt: str = "{:.2f}") -> str:
@@ -67,7 +65,10 @@ def format_summary(metrics: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    path = Path(args[0]) if args else DEFAULT
+    if len(args) != 1:
+        print("usage: python -m pipeline.summary <metrics JSON of the evaluate stage>", file=sys.stderr)
+        return 2
+    path = Path(args[0])
     if not path.is_file():
         print(f"{path} not found: run `dvc repro` first (it is written by the evaluate stage)", file=sys.stderr)
         return 1

@@ -16,13 +16,14 @@ from torch import nn
 from torch.func import functional_call
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import AdversarialParams, OptimParams
+from pipeline.config import AdversarialParams, ModelParams, OptimParams, OracleParams, WarmupParams
 from pipeline.distributed import DistInfo, unwrap
 from pipeline.engine import build_optimizer, evaluate
+from pipeline.files import sha256_file, write_json
 from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
-from pipeline.runtime import Context, dataset, load_model, manifest_path, new_model, write_json
-from pipeline.training import WeakTransform, run_training, stream, wrap_ddp
+from pipeline.runtime import Context, Data, load_model, new_model
+from pipeline.training import TrainOutputs, WeakTransform, make_evaluator, run_training, stream, wrap_ddp
 
 
 class SupervisedTask:
@@ -87,34 +88,44 @@ class SupervisedTask:
         return total, {"ce": ce.item(), "adv_g": g_adv.item(), "adv_d": d_loss.item()}
 
 
-def train_supervised(ctx: Context, labeled: str, out_root: Path = Path(".")) -> dict:
-    """The warm-up (labeled = "source") and oracle (labeled = "target_train") stages."""
-    sec = getattr(ctx.params, ctx.stage)
+def train_supervised(
+    ctx: Context,
+    data: Data,
+    sec: WarmupParams | OracleParams,
+    mp: ModelParams,
+    labeled: str,
+    out: TrainOutputs,
+    eval_batch: int,
+) -> dict:
+    """Supervised training on the ``labeled`` split (warm-up: "source"; oracle: "target_train").
+
+    With ``sec.adversarial.enabled`` (the warm-up's section has one), LS-GAN alignment to target train.
+    """
     adv = getattr(sec, "adversarial", None)
-    model = new_model(ctx.params.model, ctx.num_classes).to(ctx.info.device)
+    model = new_model(mp, ctx.num_classes).to(ctx.info.device)
     task = SupervisedTask(model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx))
     tf = WeakTransform(sec.view)
-    streams = {"labeled": stream(ctx, labeled, True, tf, sec.optim.batch_size, salt=0)}
+    streams = {"labeled": stream(ctx, data, labeled, True, tf, sec.optim.batch_size, salt=0)}
     names = ["ce"]
     if task.adv is not None:
-        streams["target"] = stream(ctx, "target_train", False, tf, sec.optim.batch_size, salt=1)
+        streams["target"] = stream(ctx, data, "target_train", False, tf, sec.optim.batch_size, salt=1)
         names += ["adv_g", "adv_d"]
-    inputs = [ckpt.sha256_file(manifest_path(n)) for n in (labeled, "target_train", "target_val")]
+    inputs = [sha256_file(data.manifest(n)) for n in (labeled, "target_train", "target_val")]
     return run_training(
         ctx,
         task,
         streams,
         sec.optim,
-        ctx.params.model,
-        out_dir=out_root / "models" / ctx.stage,
-        metrics_path=out_root / "metrics" / f"{ctx.stage}.json",
-        plots_dir=out_root / "plots" / ctx.stage,
+        mp,
+        evaluator=make_evaluator(ctx, data, eval_batch),
+        out=out,
         loss_names=names,
+        section=sec.model_dump(mode="json"),
         inputs=inputs,
     )
 
 
-def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict | None:
+def align_bn_to_target(ctx: Context, data: Data, out_dir: Path, metrics_path: Path, batch_size: int) -> dict | None:
     """Target BatchNorm statistics for a source-trained model (AdaBN), with the model as trained kept.
 
     ``out_dir/last.pt`` becomes ``out_dir/source_only.pt`` (the report's source-only row); BatchNorm running
@@ -127,10 +138,10 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
         return None
     local = DistInfo(0, 1, 0, ctx.info.device)
     last, kept = out_dir / "last.pt", out_dir / "source_only.pt"
-    data = ckpt.load(last)
+    saved = ckpt.load(last)
     model = load_model(last, ctx)
-    tgt = dataset(ctx, "target_train", with_labels=False)
-    bs = ctx.params.evaluate.batch_size
+    tgt = data.dataset("target_train", with_labels=False)
+    bs = batch_size
 
     def batches():
         for start in range(0, len(tgt), bs):
@@ -138,7 +149,7 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
             yield imgs.to(ctx.info.device).float() / 255.0
 
     n = estimate_bn_stats(model, batches())
-    val = dataset(ctx, "target_val", with_labels=True)
+    val = data.dataset("target_val", with_labels=True)
     cm = evaluate(model, val, ctx.num_classes, local, bs)
     aligned = cm.summary(ctx.class_names)
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
@@ -151,7 +162,7 @@ def align_bn_to_target(ctx: Context, out_dir: Path, metrics_path: Path) -> dict 
         "target_bn_images": n,
     }
     shutil.copyfile(last, kept)
-    meta = {**data["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
+    meta = {**saved["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
     meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
     payload = ckpt.model_payload(model.state_dict(), meta)
     ckpt.save_atomic(payload, last)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,11 +14,13 @@ from torch import nn
 from pipeline import checkpoint as ckpt
 from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
 from pipeline.engine import FitResult, Stream, Task, evaluate, fit
+from pipeline.files import write_json
 from pipeline.losses import cross_entropy
 from pipeline.metrics import write_per_class_csv
 from pipeline.models import source_bn_frozen
-from pipeline.runtime import Context, dataset, save_model, write_json
-from pipeline.views import StrongViewConfig, WeakViewConfig, make_weak_view
+from pipeline.pseudo_store import PseudoLabelStore
+from pipeline.runtime import Context, Data, save_model
+from pipeline.views import StrongViewConfig, WeakViewConfig, make_strong_view, make_weak_view
 
 
 def weak_config(v: ViewParams) -> WeakViewConfig:
@@ -45,6 +49,38 @@ class WeakTransform:
         out = {"index": sample["index"], "image": v.image, "valid": v.valid}
         if v.label is not None:
             out["label"] = v.label
+        return out
+
+
+class TargetViews:
+    """Target sample of the self-training stages: the full image, a weak view, a strong view on the weak one,
+    and the image's stored pseudo labels (``soft`` if stored, ``pl_label``, ``pl_conf``), read by id."""
+
+    def __init__(self, view: ViewParams, strong: StrongParams, store_path: str | Path | None) -> None:
+        self.weak = weak_config(view)
+        self.strong = strong_config(strong)
+        self.store = PseudoLabelStore(store_path) if store_path is not None else None
+
+    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
+        weak = make_weak_view(sample["image"], None, self.weak, gen)
+        strong = make_strong_view(weak, self.strong, gen)
+        out = {
+            "index": sample["index"],
+            "full": sample["image"],
+            "weak_image": weak.image,
+            "weak_coords": weak.coords,
+            "weak_valid": weak.valid,
+            "image": strong.image,
+            "coords": strong.coords,
+            "coords_in_weak": strong.coords_in_weak,
+            "valid": strong.valid,
+        }
+        if self.store is not None:
+            rec = self.store.get(sample["id"])  # aligned by id, never by position
+            if "soft" in rec:
+                out["soft"] = torch.from_numpy(rec["soft"])
+            out["pl_label"] = torch.from_numpy(rec["label"].astype(np.int64))
+            out["pl_conf"] = torch.from_numpy(rec["conf"])
         return out
 
 
@@ -79,14 +115,24 @@ def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def stream(ctx: Context, name: str, with_labels: bool, transform, batch_size: int, salt: int) -> Stream:
-    ds = dataset(ctx, name, with_labels, transform)
-    return Stream(ds, batch_size, ctx.params.base.seed + salt, ctx.info, ctx.params.data.num_workers)
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a training stage writes (dvc.yaml passes each path on the stage's command line)."""
+
+    models: Path  # folder: last.pt, best.pt (+ whatever the method adds)
+    metrics: Path  # JSON
+    plots: Path  # folder: train.csv, eval.csv, per_class.csv
 
 
-def make_evaluator(ctx: Context):
-    val = dataset(ctx, "target_val", with_labels=True)
-    bs = ctx.params.evaluate.batch_size
+def stream(ctx: Context, data: Data, name: str, with_labels: bool, transform, batch_size: int, salt: int) -> Stream:
+    ds = data.dataset(name, with_labels, transform)
+    return Stream(ds, batch_size, ctx.seed + salt, ctx.info, data.num_workers)
+
+
+def make_evaluator(ctx: Context, data: Data, batch_size: int):
+    """mIoU on target val (all DDP ranks take part), as every training stage evaluates."""
+    val = data.dataset("target_val", with_labels=True)
+    bs = batch_size
 
     def _eval(model: nn.Module) -> dict:
         cm = evaluate(model, val, ctx.num_classes, ctx.info, bs)
@@ -104,17 +150,19 @@ def run_training(
     optim: OptimParams,
     mp: ModelParams,
     *,
-    out_dir: Path,
-    metrics_path: Path,
-    plots_dir: Path,
+    evaluator,
+    out: TrainOutputs,
     loss_names: list[str],
+    section: dict[str, Any],
     inputs: list[Any],
 ) -> dict:
-    """Trains `task`, writes ``out_dir/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0).
+    """Trains `task`, writes ``out.models/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0).
 
-    Returns the metrics written (on every rank; only rank 0 writes files).
+    ``section`` (the stage's params, as JSON) and ``inputs`` (hashes of the input files) fingerprint the
+    resume state, so a change of either never resumes stale state. Returns the metrics written (on every
+    rank; only rank 0 writes files).
     """
-    evaluator = make_evaluator(ctx)
+    out_dir, metrics_path, plots_dir = out.models, out.metrics, out.plots
     iou_last: dict[str, Any] = {}
 
     def export(kind: str, model: nn.Module, metrics: dict | None) -> None:
@@ -124,8 +172,7 @@ def run_training(
         note = "final weights" if kind == "last" else "best on target val (optimistic: selected on the test set)"
         save_model(out_dir / f"{kind}.pt", model, ctx, mp, {"kind": kind, "note": note, "metrics": m})
 
-    section = ctx.params.model_dump(mode="json").get(ctx.stage.split("@")[0], {})
-    fp = ckpt.fingerprint(ctx.stage, section, ctx.params.model.model_dump(mode="json"), ctx.params.base.seed, inputs)
+    fp = ckpt.fingerprint(ctx.stage, section, mp.model_dump(mode="json"), ctx.seed, inputs)
     res: FitResult = ctx.step(
         "train",
         fit,

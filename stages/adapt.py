@@ -1,14 +1,40 @@
-"""Stage `adapt` (ProDA stage 1): prototypical pseudo-label denoising + target structure learning."""
+"""Stage `adapt` (ProDA stage 1): prototypical pseudo-label denoising + target structure learning.
+
+Usage: python -m stages.adapt --manifests data/manifests --model models/warmup/last.pt
+       --labels pseudo/warmup.zarr --prototypes models/prototypes.pt --out models/adapt
+       --metrics metrics/adapt.json --rectified-metrics metrics/adapt_rectified.json --plots plots/adapt
+"""
 
 from pathlib import Path
 
 from pipeline.adapt import train_adapt
-from pipeline.stage import run_stage
+from pipeline.config import Params
+from pipeline.runtime import Context, Data
+from pipeline.stage import run_stage, stage_parser
+from stages.common import training_args, training_outputs
+
+
+def main(ctx: Context, params: Params, args) -> dict:
+    data = Data(params.data, args.manifests)
+    out = training_outputs(args)
+    return train_adapt(
+        ctx,
+        data,
+        params.adapt,
+        args.model,
+        args.labels,
+        args.prototypes,
+        out,
+        args.rectified_metrics,
+        params.evaluate.batch_size,
+    )
+
 
 if __name__ == "__main__":
-    run_stage(
-        "adapt",
-        lambda ctx: train_adapt(
-            ctx, Path("models/warmup/last.pt"), Path("pseudo/warmup.zarr"), Path("models/prototypes.pt")
-        ),
-    )
+    ap = training_args(stage_parser(__doc__))
+    ap.add_argument("--model", type=Path, required=True, help="model file of the warm-up")
+    ap.add_argument("--labels", type=Path, required=True, help="the warm-up's soft pseudo-label store")
+    ap.add_argument("--prototypes", type=Path, required=True, help="initial prototypes")
+    ap.add_argument("--rectified-metrics", type=Path, required=True, help="raw vs rectified label quality JSON")
+    args = ap.parse_args()
+    run_stage("adapt", lambda ctx, params: main(ctx, params, args), args.params)

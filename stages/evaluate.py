@@ -1,21 +1,70 @@
 """Stage `evaluate`: re-evaluates every stage's model on target val and writes the run's report.
 
-Outputs: metrics/evaluate.json, plots/evaluate/{miou_by_stage,per_class}.csv, reports/report.md,
-reports/confusion.png, reports/confusion_counts.csv, reports/overlays.png.
+Usage: python -m stages.evaluate --manifests data/manifests --models models --pseudo pseudo
+       --metrics metrics/evaluate.json --plots plots/evaluate --reports reports
+The model and pseudo-label folders are laid out as dvc.yaml's stages write them: models/<stage>/last.pt,
+pseudo/warmup.zarr, pseudo/teacher_<r>.zarr.
 """
 
-from pipeline.report import build_report, write_outputs
-from pipeline.runtime import Context
-from pipeline.stage import run_stage
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.render import ReportOutputs, write_outputs
+from pipeline.report import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
+from pipeline.runtime import Context, Data
+from pipeline.stage import run_stage, stage_parser
 from pipeline.summary import format_summary
 
 
-def main(ctx: Context) -> None:
+def stage_models(params: Params, models: Path) -> list[StageModel]:
+    """The models of a run in report order: [source_only,] warmup, adapt, distill_1..N, oracle.
+
+    With ``warmup.target_bn`` the warm-up saw target images (their BatchNorm statistics), so the model as
+    trained on the source is its own row, ``source_only``, and the gap is measured from it.
+    """
+    out = [StageModel(SOURCE_ONLY, WARMUP, models / "warmup", "source_only.pt", None)]
+    out = out if params.warmup.target_bn else []
+    out += [StageModel(WARMUP, WARMUP, models / "warmup"), StageModel(ADAPT, ADAPT, models / "adapt")]
+    for r in sorted(params.distill.rounds):
+        out.append(StageModel(f"distill_{r}", f"distill@{r}", models / f"distill_{r}"))
+    out.append(StageModel(ORACLE, ORACLE, models / "oracle"))
+    return out
+
+
+def final_stage(params: Params) -> str:
+    """The model the run delivers: the last KD round, or the stage-1 model when there are no rounds."""
+    rounds = params.distill.rounds
+    return f"distill_{max(rounds)}" if rounds else ADAPT
+
+
+def pseudo_stores(params: Params, pseudo: Path) -> list[PseudoStore]:
+    """Stage-1 soft labels (used whole, so threshold 0) and each round's hard labels at the KD threshold."""
+    out = [PseudoStore(WARMUP, "pseudo_label", pseudo / "warmup.zarr", 0.0)]
+    for r in sorted(params.distill.rounds):
+        out.append(
+            PseudoStore(f"teacher_{r}", f"teacher@{r}", pseudo / f"teacher_{r}.zarr", params.distill.conf_threshold)
+        )
+    return out
+
+
+def main(ctx: Context, params: Params, args) -> None:
+    data = Data(params.data, args.manifests)
+    ev = params.evaluate
+    models, stores = stage_models(params, args.models), pseudo_stores(params, args.pseudo)
     # Every rank evaluates its shard (engine.evaluate reduces the counts); only rank 0 writes.
-    report = build_report(ctx)
+    report = build_report(ctx, data, models, stores, final_stage(params), ev.batch_size, ev.n_overlays)
     if ctx.info.is_main:
-        print(format_summary(write_outputs(report)), flush=True)
+        out = ReportOutputs(metrics=args.metrics, plots=args.plots, reports=args.reports)
+        print(format_summary(write_outputs(report, out)), flush=True)
 
 
 if __name__ == "__main__":
-    run_stage("evaluate", main)
+    ap = stage_parser(__doc__)
+    ap.add_argument("--manifests", type=Path, required=True)
+    ap.add_argument("--models", type=Path, required=True, help="folder of every stage's model folder")
+    ap.add_argument("--pseudo", type=Path, required=True, help="folder of the pseudo-label stores")
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--plots", type=Path, required=True)
+    ap.add_argument("--reports", type=Path, required=True)
+    args = ap.parse_args()
+    run_stage("evaluate", lambda ctx, params: main(ctx, params, args), args.params)

@@ -1,7 +1,22 @@
-"""Stage `oracle`: the same engine trained on target-train labels; the upper bound of the final report."""
+"""Stage `oracle`: the same engine trained on target-train labels; the upper bound of the final report.
 
-from pipeline.stage import run_stage
+Usage: python -m stages.oracle --manifests data/manifests --out models/oracle --metrics metrics/oracle.json
+       --plots plots/oracle
+"""
+
+from pipeline.config import Params
+from pipeline.runtime import Context, Data
+from pipeline.stage import run_stage, stage_parser
 from pipeline.supervised import train_supervised
+from stages.common import training_args, training_outputs
+
+
+def main(ctx: Context, params: Params, args) -> dict:
+    data = Data(params.data, args.manifests)
+    out = training_outputs(args)
+    return train_supervised(ctx, data, params.oracle, params.model, "target_train", out, params.evaluate.batch_size)
+
 
 if __name__ == "__main__":
-    run_stage("oracle", lambda ctx: train_supervised(ctx, "target_train"))
+    args = training_args(stage_parser(__doc__)).parse_args()
+    run_stage("oracle", lambda ctx, params: main(ctx, params, args), args.params)

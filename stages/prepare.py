@@ -1,15 +1,26 @@
-"""Stage `prepare`: validate the dataset roots and write manifests (file lists, per-class pixel counts)."""
+"""Stage `prepare`: validate the dataset roots and write manifests (file lists, per-class pixel counts).
 
+Usage: python -m stages.prepare --out data/manifests --metrics metrics/prepare.json
+"""
+
+from pathlib import Path
+
+from pipeline.config import Params
 from pipeline.datasets import prepare_manifests
-from pipeline.runtime import MANIFESTS, Context, write_json
-from pipeline.stage import run_stage
+from pipeline.files import write_json
+from pipeline.runtime import Context
+from pipeline.stage import run_stage, stage_parser
 
 
-def main(ctx: Context) -> dict:
-    summary = ctx.step("validate", prepare_manifests, ctx.params.data, MANIFESTS, ctx.class_names)
-    write_json("metrics/prepare.json", summary)
+def main(ctx: Context, params: Params, out: Path, metrics: Path) -> dict:
+    summary = ctx.step("validate", prepare_manifests, params.data, out, ctx.class_names)
+    write_json(metrics, summary)
     return summary
 
 
 if __name__ == "__main__":
-    run_stage("prepare", main)
+    ap = stage_parser(__doc__)
+    ap.add_argument("--out", type=Path, required=True, help="folder of the manifests")
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args()
+    run_stage("prepare", lambda ctx, params: main(ctx, params, args.out, args.metrics), args.params)

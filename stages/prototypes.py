@@ -1,27 +1,38 @@
-"""Stage `prototypes`: class prototypes [K x D] from the warm-up model's features and its pseudo labels."""
+"""Stage `prototypes`: class prototypes [K x D] from the warm-up model's features and its pseudo labels.
+
+Usage: python -m stages.prototypes --manifests data/manifests --model models/warmup/last.pt
+       --labels pseudo/warmup.zarr --out models/prototypes.pt --metrics metrics/prototypes.json
+"""
 
 from pathlib import Path
 
+from pipeline.config import Params
+from pipeline.files import write_json
 from pipeline.inference import init_prototypes
-from pipeline.runtime import Context, load_model, write_json
-from pipeline.stage import run_stage
-
-MODEL = Path("models/warmup/last.pt")
-STORE = Path("pseudo/warmup.zarr")
-OUT = Path("models/prototypes.pt")
+from pipeline.runtime import Context, Data, load_model
+from pipeline.stage import run_stage, stage_parser
 
 
-def main(ctx: Context) -> dict | None:
+def main(ctx: Context, params: Params, args) -> dict | None:
     if not ctx.info.is_main:
         return None
-    p = ctx.params.prototypes
-    bank = ctx.step("init", init_prototypes, ctx, load_model(MODEL, ctx), STORE, p.min_pixels, p.batch_size)
-    bank.save(OUT, ctx.class_names)
+    p = params.prototypes
+    data = Data(params.data, args.manifests)
+    model = load_model(args.model, ctx)
+    bank = ctx.step("init", init_prototypes, ctx, data, model, args.labels, p.min_pixels, p.batch_size)
+    bank.save(args.out, ctx.class_names)
     empty = [n for n, ok in zip(ctx.class_names, bank.initialized.tolist()) if not ok]
     summary = {"initialized": int(bank.initialized.sum()), "empty_classes": empty}
-    write_json("metrics/prototypes.json", summary)
+    write_json(args.metrics, summary)
     return summary
 
 
 if __name__ == "__main__":
-    run_stage("prototypes", main)
+    ap = stage_parser(__doc__)
+    ap.add_argument("--manifests", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True, help="model file of the warm-up")
+    ap.add_argument("--labels", type=Path, required=True, help="the warm-up's pseudo-label store")
+    ap.add_argument("--out", type=Path, required=True, help="prototype file to write")
+    ap.add_argument("--metrics", type=Path, required=True)
+    args = ap.parse_args()
+    run_stage("prototypes", lambda ctx, params: main(ctx, params, args), args.params)

@@ -1,27 +1,31 @@
-"""Stage `pseudo_label`: soft pseudo labels of target train from the warm-up model (zarr) + their quality."""
+"""Stage `pseudo_label`: soft pseudo labels of target train from the warm-up model (zarr) + their quality.
+
+Usage: python -m stages.pseudo_label --manifests data/manifests --model models/warmup/last.pt
+       --out pseudo/warmup.zarr --metrics metrics/pseudo_label.json --plots plots/pseudo_label
+"""
 
 from pathlib import Path
 
+from pipeline.config import Params
 from pipeline.inference import store_quality, write_pseudo_labels
-from pipeline.runtime import Context, load_model
-from pipeline.stage import run_stage
-
-MODEL = Path("models/warmup/last.pt")
-STORE = Path("pseudo/warmup.zarr")
+from pipeline.runtime import Context, Data, load_model
+from pipeline.stage import run_stage, stage_parser
 
 
-def main(ctx: Context) -> dict | None:
-    p = ctx.params.pseudo_label
+def main(ctx: Context, params: Params, args) -> dict | None:
+    p = params.pseudo_label
     if not ctx.info.is_main:
         return None
-    model = load_model(MODEL, ctx)
+    data = Data(params.data, args.manifests)
+    model = load_model(args.model, ctx)
     timing = ctx.step(
         "predict",
         write_pseudo_labels,
         ctx,
+        data,
         model,
-        MODEL,
-        STORE,
+        args.model,
+        args.out,
         batch_size=p.batch_size,
         flip=False,
         store_soft=True,
@@ -31,14 +35,22 @@ def main(ctx: Context) -> dict | None:
         "quality",
         store_quality,
         ctx,
-        STORE,
+        data,
+        args.out,
         p.quality_threshold,
-        Path("metrics/pseudo_label.json"),
-        Path("plots/pseudo_label/per_class.csv"),
+        args.metrics,
+        args.plots / "per_class.csv",
         extra={"throughput": timing},
     )
     return {"throughput": timing, "quality": q and {k: q[k] for k in ("coverage", "pixel_acc", "miou")}}
 
 
 if __name__ == "__main__":
-    run_stage("pseudo_label", main)
+    ap = stage_parser(__doc__)
+    ap.add_argument("--manifests", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True, help="model file of the warm-up")
+    ap.add_argument("--out", type=Path, required=True, help="zarr store to write")
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--plots", type=Path, required=True)
+    args = ap.parse_args()
+    run_stage("pseudo_label", lambda ctx, params: main(ctx, params, args), args.params)

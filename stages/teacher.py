@@ -1,51 +1,50 @@
 """Stage `teacher@r`: flip-averaged hard labels + confidences (+ soft) of target train from round r's teacher.
 
-Usage: python -m stages.teacher <round>. The confidence threshold is applied by the consumer (distill@r);
-the store keeps every pixel.
+The confidence threshold is applied by the consumer (distill@r); the store keeps every pixel.
+Usage: python -m stages.teacher --round 1 --manifests data/manifests --model models/adapt/last.pt
+       --out pseudo/teacher_1.zarr --metrics metrics/teacher_1.json --plots plots/teacher_1
 """
 
-import sys
 from pathlib import Path
 
+from pipeline.config import Params
 from pipeline.inference import store_quality, write_pseudo_labels
-from pipeline.runtime import Context, load_model
-from pipeline.stage import run_stage
+from pipeline.runtime import Context, Data, load_model
+from pipeline.stage import run_stage, stage_parser
 
 
-def main(ctx: Context, r: int) -> dict | None:
+def main(ctx: Context, params: Params, args) -> dict | None:
     if not ctx.info.is_main:
         return None
-    rounds = ctx.params.distill.rounds
-    if r not in rounds:
-        raise ValueError(f"round {r} is not in distill.rounds {sorted(rounds)}")
-    p = ctx.params.teacher
-    model_path = Path(rounds[r].teacher) / "last.pt"
-    store = Path(f"pseudo/teacher_{r}.zarr")
-    model = load_model(model_path, ctx)
+    p = params.teacher
+    data = Data(params.data, args.manifests)
+    model = load_model(args.model, ctx)
     timing = ctx.step(
         "predict",
         write_pseudo_labels,
         ctx,
+        data,
         model,
-        model_path,
-        store,
+        args.model,
+        args.out,
         batch_size=p.batch_size,
         flip=p.flip,
         store_soft=p.store_soft,
         soft_dtype=p.soft_dtype,
     )
     q = ctx.step(
-        "quality",
-        store_quality,
-        ctx,
-        store,
-        p.conf_threshold,
-        Path(f"metrics/teacher_{r}.json"),
-        Path(f"plots/teacher_{r}/per_class.csv"),
+        "quality", store_quality, ctx, data, args.out, p.conf_threshold, args.metrics, args.plots / "per_class.csv"
     )
     return {"throughput": timing, "quality": q and {k: q[k] for k in ("coverage", "pixel_acc", "miou")}}
 
 
 if __name__ == "__main__":
-    r = int(sys.argv[1])
-    run_stage(f"teacher@{r}", lambda ctx: main(ctx, r))
+    ap = stage_parser(__doc__)
+    ap.add_argument("--round", type=int, required=True, help="KD round (names the run)")
+    ap.add_argument("--manifests", type=Path, required=True)
+    ap.add_argument("--model", type=Path, required=True, help="model file of the round's teacher")
+    ap.add_argument("--out", type=Path, required=True, help="zarr store to write")
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--plots", type=Path, required=True)
+    args = ap.parse_args()
+    run_stage(f"teacher@{args.round}", lambda ctx, params: main(ctx, params, args), args.params)

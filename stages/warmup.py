@@ -1,20 +1,26 @@
 """Stage `warmup`: source training (optionally with output-space adversarial alignment), then optionally
-target BatchNorm statistics (`warmup.target_bn`), keeping the model as trained as the source-only row."""
+target BatchNorm statistics (`warmup.target_bn`), keeping the model as trained as the source-only row.
 
-from pathlib import Path
+Usage: python -m stages.warmup --manifests data/manifests --out models/warmup --metrics metrics/warmup.json
+       --plots plots/warmup
+"""
 
-from pipeline.runtime import Context
-from pipeline.stage import run_stage
+from pipeline.config import Params
+from pipeline.runtime import Context, Data
+from pipeline.stage import run_stage, stage_parser
 from pipeline.supervised import align_bn_to_target, train_supervised
+from stages.common import training_args, training_outputs
 
 
-def main(ctx: Context) -> dict | None:
-    metrics = train_supervised(ctx, "source")
-    if ctx.params.warmup.target_bn:
+def main(ctx: Context, params: Params, args) -> dict | None:
+    data, out, eval_batch = Data(params.data, args.manifests), training_outputs(args), params.evaluate.batch_size
+    metrics = train_supervised(ctx, data, params.warmup, params.model, "source", out, eval_batch)
+    if params.warmup.target_bn:
         # Rank 0 only (other ranks get None); the stages after this one read the file it writes.
-        metrics = ctx.step("target_bn", align_bn_to_target, ctx, Path("models/warmup"), Path("metrics/warmup.json"))
+        metrics = ctx.step("target_bn", align_bn_to_target, ctx, data, out.models, out.metrics, eval_batch)
     return metrics
 
 
 if __name__ == "__main__":
-    run_stage("warmup", main)
+    args = training_args(stage_parser(__doc__)).parse_args()
+    run_stage("warmup", lambda ctx, params: main(ctx, params, args), args.params)

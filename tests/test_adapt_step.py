@@ -7,16 +7,16 @@ import torch.nn.functional as F
 from tiny import tiny_params
 
 import pipeline.distill as distill_mod
-from pipeline.adapt import ProDATask, TargetViews
+from pipeline.adapt import ProDATask
 from pipeline.config import parse_params
-from pipeline.distill import DistillTask, TeacherViews
+from pipeline.distill import DistillTask
 from pipeline.distributed import DistInfo
 from pipeline.engine import collate
 from pipeline.labels import class_names
 from pipeline.models import build_model
 from pipeline.prototypes import PrototypeBank
 from pipeline.runtime import Context
-from pipeline.training import strong_config, weak_config
+from pipeline.training import TargetViews
 from pipeline.views import warp_to_view
 
 K = 19
@@ -24,7 +24,7 @@ K = 19
 
 def _ctx(params) -> Context:
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    return Context("adapt", params, info, class_names(K))
+    return Context("adapt", 0, info, class_names(K))
 
 
 def _model() -> torch.nn.Module:
@@ -77,7 +77,7 @@ def test_stage1_sce_and_regulariser_see_the_weak_view() -> None:
     # With the structure KL off and no source CE, the only student forward that matters is the weak view's:
     # the gradient does not change when the strong view's pixels change.
     params = parse_params(
-        tiny_params(**{"adapt.structure_kl": {"enabled": False, "weight": 1.0}, "adapt.source_ce": {"enabled": False}})
+        tiny_params(**{"adapt.structure_kl": {"enabled": False, "weight": 1.0}, "adapt.source_ce.enabled": False})
     )
     p = params.adapt
     grads = []
@@ -101,14 +101,13 @@ def test_stage1_sce_and_regulariser_see_the_weak_view() -> None:
 def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
     # The teacher's soft map is stored at stride 8 (4x8 for a 32x64 image). KD labels and confidences are
     # the argmax / max of that map warped bilinearly into the view, not its stride-8 hard map warped nearest.
-    overrides = {"distill.source_ce": {"enabled": False}, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
+    overrides = {"distill.source_ce.enabled": False, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
     params = parse_params(tiny_params(**overrides))
     p = params.distill
     task = DistillTask(_ctx(params), _model(), p)
     g = torch.Generator().manual_seed(4)
     soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
-    views = TeacherViews.__new__(TeacherViews)
-    views.weak, views.strong = weak_config(p.view), strong_config(p.strong)
+    views = TargetViews(p.view, p.strong, None)
     views.store = _Store(soft)
     s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
     tgt = collate([s])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import stage, tiny_params, workspace, write_params
+from tiny import stage, stage_argv, tiny_params, workspace, write_params
 
 from pipeline.datasets import index_seed
 from pipeline.distributed import DistInfo
@@ -51,7 +52,9 @@ def data_ws(tmp_path_factory) -> Path:
     """A workspace with data/embedded and data/manifests written by the real generate + prepare stages
     (both in one interpreter: start-up, not the stages, is what costs here)."""
     root = workspace(tmp_path_factory.mktemp("engine") / "data", tiny_params())
-    code = "import runpy\nfor s in ('generate', 'prepare'):\n    runpy.run_module(f'stages.{s}', run_name='__main__')"
+    argvs = [stage_argv(s, root)[2:] for s in ("generate", "prepare")]  # [module, args...] after "-m"
+    loop = "for argv in ARGVS:\n    sys.argv = argv\n    runpy.run_module(argv[0], run_name='__main__')"
+    code = f"import runpy, sys\nARGVS = {argvs!r}\n{loop}"
     run_ok([sys.executable, "-c", code], root)
     assert (root / "data/manifests/source.json").is_file()
     return root
@@ -173,7 +176,7 @@ def killed(data_ws, tmp_path_factory) -> tuple[Path, int, Path]:
     """A run SIGKILLed after its resume state reached iteration >= 4: (workspace, state iteration, state copy)."""
     base = tmp_path_factory.mktemp("engine")
     root = clone(data_ws, base / "B", RESUME)
-    it = kill_when_saved([sys.executable, "-m", "stages.warmup"], root, 4, ITERS)
+    it = kill_when_saved(stage_argv("warmup", root), root, 4, ITERS)
     saved = base / "killed_state.pt"
     shutil.copy(root / STATE, saved)
     return root, it, saved
@@ -225,7 +228,7 @@ def test_ddp_two_processes_match_one_process_and_only_rank0_writes(data_ws, sing
     r0, r1 = clone(data_ws, tmp_path / "r0", EQUIV), clone(data_ws, tmp_path / "r1", EQUIV)
     res = run_ok(
         torchrun(
-            "--no-python", "bash", "-c", f'cd "{tmp_path}/r$LOCAL_RANK" && exec "{sys.executable}" -m stages.warmup'
+            "--no-python", "bash", "-c", f'cd "{tmp_path}/r$LOCAL_RANK" && exec {shlex.join(stage_argv("warmup", r0))}'
         ),
         r0,
     )
@@ -247,7 +250,7 @@ def test_ddp_with_trainable_bn_resumes_after_sigkill(data_ws, tmp_path):
     iters = 12
     params = tiny_params(**{"warmup.optim.iters": iters, "warmup.optim.ckpt_every": 2})
     root = clone(data_ws, tmp_path / "ddp", params)
-    cmd = torchrun("-m", "stages.warmup")
+    cmd = torchrun(*stage_argv("warmup", root)[1:])
     it = kill_when_saved(cmd, root, 2, iters)
     st = torch.load(root / STATE, map_location="cpu", weights_only=True)
     assert st["world_size"] == 2 and isinstance(st["rng"], list) and len(st["rng"]) == 2
@@ -322,3 +325,21 @@ def test_stream_resumes_at_its_position_and_leaves_global_rng_alone():
         for want in batches[k:]:
             got = resumed.next()
             assert torch.equal(got["image"], want["image"]) and got["seed"] == want["seed"]
+
+
+def test_poly_schedule_values() -> None:
+    from pipeline.engine import apply_poly, poly_factor
+
+    assert poly_factor(0, 100, 0.9) == pytest.approx(1.0)
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+    assert poly_factor(100, 100, 0.9) == 0.0
+    beyond = poly_factor(150, 100, 0.9)  # the public code went complex past the end
+    assert beyond == 0.0 and isinstance(beyond, float)
+    with pytest.raises(ValueError, match="max_iters must be positive"):
+        poly_factor(0, 0, 0.9)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD(
+        [{"params": [w], "lr": 2.5e-4, "base_lr": 2.5e-4}, {"params": [], "lr": 2.5e-3, "base_lr": 2.5e-3}]
+    )
+    apply_poly(opt, 50, 100, 0.9)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4 * 0.5**0.9, 2.5e-3 * 0.5**0.9])

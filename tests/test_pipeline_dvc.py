@@ -84,3 +84,23 @@ def test_param_change_reruns_stage_and_descendants_only(repo: Path) -> None:
     # The KD term's weight is in the total loss: the final loss of distill@1 must move.
     assert "final_losses.loss" in diff["metrics/distill_1.json"], diff
     run(["git", "checkout", "params.yaml"], repo)
+
+
+@pytest.mark.parametrize(
+    "module, stages",
+    [
+        ("pipeline/render.py", {"evaluate"}),
+        ("pipeline/synth.py", {"generate"}),
+        ("pipeline/losses.py", {"warmup", "oracle", "adapt", "distill@1"}),
+    ],
+)
+def test_code_edit_marks_only_the_stages_that_import_it(repo: Path, module: str, stages: set[str]) -> None:
+    run([*DVC, "repro"], repo)  # up to date with the committed params (an earlier test changed one)
+    path = repo / module
+    path.write_text(path.read_text() + "\n# an edit\n")
+    try:
+        status = json.loads(run([*DVC, "status", "--json"], repo).stdout)
+        assert set(status) == stages, status
+    finally:
+        run(["git", "checkout", module], repo)
+    assert "up to date" in run([*DVC, "status"], repo).stdout

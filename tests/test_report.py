@@ -17,15 +17,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import tiny_params
 
-from pipeline import report, summary
+from pipeline import render, report, summary
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ModelParams, parse_params
+from pipeline.config import ModelParams, Params, parse_params
 from pipeline.datasets import LabelMapper, scan, validate_and_count, write_manifest
 from pipeline.distributed import DistInfo
 from pipeline.labels import class_names
 from pipeline.pseudo_store import PseudoLabelWriter
-from pipeline.runtime import Context, new_model, save_model
+from pipeline.runtime import Context, Data, new_model, save_model
+from stages.evaluate import final_stage, pseudo_stores, stage_models
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = class_names(19)
@@ -62,40 +64,52 @@ def constant_miou(cls: int) -> float:
 
 # Which class each stage's "model" predicts; oracle > adapt > warmup so the gap closed is defined.
 PREDICTS = {"warmup": CAR, "adapt": SKY, "distill_1": BUILDING, "distill_2": BUILDING, "oracle": ROAD}
-MP = ModelParams(backbone="resnet18", width=8, feat_dim=16, gn_groups=8, head_dilations=(1, 2, 3, 4), se_reduction=4)
+MP = ModelParams(
+    backbone="resnet18",
+    width=8,
+    output_stride=8,
+    feat_dim=16,
+    head_dilations=(1, 2, 3, 4),
+    dropout=0.1,
+    gn_groups=8,
+    se_reduction=4,
+    freeze_bn=False,
+    pretrained=None,
+)
 
 
-def _optim(iters: int) -> dict:
-    return {"iters": iters, "batch_size": 2, "lr": 0.01}
+RAW = tiny_params(
+    **{
+        "base.device": "cpu",
+        "data.embedded": None,
+        "data.source": {"kind": "gta5", "root": "src", "resize": None},
+        "data.target": {"kind": "cityscapes", "root": "cs", "resize": None},
+        "model": MP.model_dump(mode="json"),
+        "warmup.target_bn": False,
+        "adapt.target_bn": False,
+        "distill.rounds": {"1": {"teacher": "models/adapt"}, "2": {"teacher": "models/distill_1"}},
+        "distill.conf_threshold": 0.95,
+        "evaluate": {"batch_size": 2, "n_overlays": 2},
+    }
+)
+MODELS, PSEUDO = Path("models"), Path("pseudo")
+OUT = render.ReportOutputs(metrics=Path("metrics/evaluate.json"), plots=Path("plots/evaluate"), reports=Path("reports"))
 
 
-VIEW = {"crop": [32, 32], "scale_range": [0.9, 1.1]}
-RAW = {
-    "base": {"seed": 0, "device": "cpu"},
-    "data": {
-        "embedded": None,
-        "source": {"kind": "gta5", "root": "src"},
-        "target": {"kind": "cityscapes", "root": "cs"},
-        "num_classes": 19,
-    },
-    "model": MP.model_dump(mode="json"),
-    "warmup": {"optim": _optim(1), "view": VIEW, "target_bn": False},
-    "oracle": {"optim": _optim(1), "view": VIEW},
-    "adapt": {"optim": _optim(1), "view": VIEW, "target_bn": False},
-    "distill": {
-        "rounds": {"1": {"teacher": "models/adapt"}, "2": {"teacher": "models/distill_1"}},
-        "optim": _optim(1),
-        "view": VIEW,
-        "conf_threshold": 0.95,
-        "target_bn": False,
-    },
-    "evaluate": {"batch_size": 2, "n_overlays": 2},
-}
+def make_params(**evaluate) -> Params:
+    return parse_params({**RAW, "evaluate": {**RAW["evaluate"], **evaluate}})
 
 
-def make_ctx(**evaluate) -> Context:
-    raw = {**RAW, "evaluate": {**RAW["evaluate"], **evaluate}}
-    return Context("evaluate", parse_params(raw), DistInfo(0, 1, 0, torch.device("cpu")), NAMES)
+def make_ctx() -> Context:
+    return Context("evaluate", 0, DistInfo(0, 1, 0, torch.device("cpu")), NAMES)
+
+
+def build(ctx: Context, params: Params) -> report.Report:
+    """The report as the evaluate stage builds it from a run's folders."""
+    ev = params.evaluate
+    models, stores = stage_models(params, MODELS), pseudo_stores(params, PSEUDO)
+    data = Data(params.data, Path("data/manifests"))
+    return report.build_report(ctx, data, models, stores, final_stage(params), ev.batch_size, ev.n_overlays)
 
 
 def _png(path: Path, arr: np.ndarray) -> None:
@@ -178,12 +192,12 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        ctx = make_ctx()
+        ctx, params = make_ctx(), make_params()
         write_target(root)
         write_models(ctx, PREDICTS)
         write_stores([r["id"] for r in json.loads(Path("data/manifests/target_train.json").read_text())["files"]])
-        rep = report.build_report(ctx)
-        metrics = report.write_outputs(rep)
+        rep = build(ctx, params)
+        metrics = render.write_outputs(rep, OUT)
     return root, rep, metrics
 
 
@@ -252,12 +266,12 @@ def test_pngs(run):
     with Image.open(root / "reports/confusion.png") as im:
         w, h = im.size
     assert 0.8 < w / h < 1.5 and h >= 600
-    lay = report.overlay_layout(N_VAL, 2 + len(PREDICTS), H, W, len(NAMES))
+    lay = render.overlay_layout(N_VAL, 2 + len(PREDICTS), H, W, len(NAMES))
     with Image.open(root / "reports/overlays.png") as im:
         assert abs(im.size[0] - lay.width) <= 1 and abs(im.size[1] - lay.height) <= 1
         grid = np.asarray(im.convert("RGB"))
     assert lay.tile_w / lay.tile_h == pytest.approx(W / H)  # tiles keep the image's proportions
-    assert lay.width == 7 * lay.tile_w + 8 * report.PAD
+    assert lay.width == 7 * lay.tile_w + 8 * render.PAD
     # Overlays are the first images by sorted id, although the val manifest lists them in reverse.
     assert rep.overlay_ids == sorted(rep.overlay_ids)
     # The oracle tile (last column) is road-coloured over the image at the bottom of the first row.
@@ -265,16 +279,16 @@ def test_pngs(run):
     tile = grid[y : y + lay.tile_h, x : x + lay.tile_w].astype(int)
     road_rgb = np.array([128, 64, 128])
     bottom = tile[-lay.tile_h // 4 :].reshape(-1, 3).mean(0)
-    assert np.abs(bottom - (report.ALPHA * road_rgb + (1 - report.ALPHA) * 127)).max() < 25
+    assert np.abs(bottom - (render.ALPHA * road_rgb + (1 - render.ALPHA) * 127)).max() < 25
 
 
 def test_missing_model_names_file_and_stage(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ctx = make_ctx()
+    ctx, params = make_ctx(), make_params()
     write_models(ctx, {"warmup": CAR})
     with pytest.raises(CheckpointError, match=r"stage 'adapt' not found: models/adapt/last\.pt"):
-        report.build_report(ctx)
-    m = report.stage_models(ctx.params)[2]
+        build(ctx, params)
+    m = stage_models(params, MODELS)[2]
     m.dir.mkdir(parents=True)
     m.last.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"stage 'distill@1'.*models/distill_1/last\.pt"):
@@ -283,11 +297,11 @@ def test_missing_model_names_file_and_stage(tmp_path, monkeypatch):
 
 def test_quality_skipped_without_ground_truth(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    ctx = make_ctx()
+    ctx, params = make_ctx(), make_params()
     write_target(tmp_path, n_train=2, train_labels=False)
     write_store(Path("pseudo/warmup.zarr"), ["city/city_000000_000019", "city/city_000001_000019"], GOOD, HALF_CONF)
-    stores = report.pseudo_stores(ctx.params)[:1]
-    quality, notes = report.pseudo_label_quality(ctx, stores)
+    stores = pseudo_stores(params, PSEUDO)[:1]
+    quality, notes = report.pseudo_label_quality(ctx, Data(params.data, Path("data/manifests")), stores)
     assert quality == {} and "no ground truth" in notes[0]
     assert "pseudo/warmup.zarr skipped" in capsys.readouterr().out
 
@@ -302,10 +316,10 @@ def test_gap_closed_undefined_and_nan():
 
 
 def test_final_stage_without_rounds():
-    ctx = make_ctx()
-    p = ctx.params.model_copy(update={"distill": ctx.params.distill.model_copy(update={"rounds": {}})})
-    assert report.final_stage(p) == "adapt"
-    assert [m.name for m in report.stage_models(p)] == ["warmup", "adapt", "oracle"]
+    params = make_params()
+    p = params.model_copy(update={"distill": params.distill.model_copy(update={"rounds": {}})})
+    assert final_stage(p) == "adapt"
+    assert [m.name for m in stage_models(p, MODELS)] == ["warmup", "adapt", "oracle"]
 
 
 def test_summary_prints_table(run, capsys):
@@ -320,7 +334,7 @@ def test_summary_prints_table(run, capsys):
 
 def test_summary_missing_file(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline.summary"],
+        [sys.executable, "-m", "pipeline.summary", "metrics/evaluate.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -340,10 +354,10 @@ def test_gap_is_measured_from_the_source_only_row_when_present():
 
 
 def test_source_only_row_only_with_target_bn():
-    names = [m.name for m in report.stage_models(make_ctx().params)]
+    names = [m.name for m in stage_models(make_params(), MODELS)]
     assert names == ["warmup", "adapt", "distill_1", "distill_2", "oracle"]
     raw = {**RAW, "warmup": {**RAW["warmup"], "target_bn": True}}
     params = parse_params(raw)
-    models = report.stage_models(params)
+    models = stage_models(params, MODELS)
     assert [m.name for m in models][:2] == ["source_only", "warmup"]
     assert models[0].last == Path("models/warmup/source_only.pt") and models[0].best_file is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ def _optim(iters: int, **kw: Any) -> dict:
     return {
         "iters": iters,
         "batch_size": 2,
+        "optimizer": "sgd",
+        "weight_decay": 2e-4,
         "lr": 0.01,
         "head_lr_mult": 1.0,
         "eval_every": 0,
@@ -30,7 +33,8 @@ def _optim(iters: int, **kw: Any) -> dict:
 
 VIEW = {"crop": [32, 32], "scale_range": [0.9, 1.1]}
 
-TINY: dict[str, Any] = {
+# Overrides of the repository's params.yaml (which writes every knob): tiny sizes, a few iterations.
+_TINY_OVERRIDES: dict[str, Any] = {
     "base": {"seed": 0, "device": "cpu", "threads": 1},
     "data": {
         "embedded": {
@@ -81,6 +85,19 @@ TINY: dict[str, Any] = {
     },
     "evaluate": {"batch_size": 4, "n_overlays": 2},
 }
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else copy.deepcopy(v)
+    return out
+
+
+# distill.rounds is replaced, not merged: one round.
+_base = yaml.safe_load((REPO / "params.yaml").read_text())
+_base["distill"]["rounds"] = {}
+TINY: dict[str, Any] = _merge(_base, _TINY_OVERRIDES)
 
 
 def tiny_params(**overrides: Any) -> dict:
@@ -134,6 +151,23 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw: Any) -> subprocess.
     return res
 
 
+def stage_argv(name: str, root: Path = REPO) -> list[str]:
+    """The command dvc.yaml runs for stage ``name`` (``distill@1`` for a foreach entry), with this interpreter.
+
+    Tests run stages exactly as DVC does: with the paths dvc.yaml passes.
+    """
+    base, _, key = name.partition("@")
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][base]
+    cmd = spec["do"]["cmd"] if "foreach" in spec else spec["cmd"]
+    if key:
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        item = params["distill"]["rounds"][key]
+        cmd = cmd.replace("${key}", key).replace("${item.teacher}", item["teacher"])
+    argv = shlex.split(cmd)
+    assert argv[0] == "python", cmd
+    return [sys.executable, *argv[1:]]
+
+
 def stage(name: str, root: Path, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
-    """Runs `python -m stages.<name> args` in root, as dvc.yaml's cmd does."""
-    return run([sys.executable, "-m", f"stages.{name}", *args], root, check=check, **kw)
+    """Runs stage ``name`` in root with dvc.yaml's command (plus ``args``)."""
+    return run([*stage_argv(name, root), *args], root, check=check, **kw)
