@@ -56,8 +56,8 @@ def load_config(name: str, amp: bool):
 
 def make_batch(params, device: torch.device, gen: torch.Generator) -> tuple[dict, dict]:
     """A source batch and a target batch as the adapt stage's streams deliver them, from random images."""
-    from pipeline.engine import collate, to_device
-    from pipeline.training import TargetViews, WeakTransform
+    from pipeline.engine.loop import collate, to_device
+    from pipeline.engine.training import TargetViews, WeakTransform
 
     p, k = params.adapt, params.data.num_classes
     bs, stride = p.optim.batch_size, params.model.output_stride
@@ -85,13 +85,13 @@ def rss_kb(field: str) -> int:
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Times `spec['task']` on `spec['config']`; runs in its own process."""
-    from pipeline.adapt import ProDATask
-    from pipeline.distributed import DistInfo
-    from pipeline.engine import autocast
-    from pipeline.labels import class_names
-    from pipeline.prototypes import PrototypeBank
-    from pipeline.runtime import Context, new_model
-    from pipeline.supervised import SupervisedTask
+    from pipeline.data.labels import class_names
+    from pipeline.engine.context import Context, new_model
+    from pipeline.engine.distributed import DistInfo
+    from pipeline.engine.loop import autocast
+    from pipeline.maths.prototypes import PrototypeBank
+    from pipeline.methods.proda import ProDATask
+    from pipeline.methods.supervised import SupervisedTask
 
     torch.manual_seed(0)
     params = load_config(spec["config"], spec["amp"])

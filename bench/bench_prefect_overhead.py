@@ -41,7 +41,7 @@ def add(a, b):
 STAGE = (
     WORK
     + """
-from pipeline.flows import StageRun
+from pipeline.orchestration.flows import StageRun
 
 def main(run):
     x = run.step("first", add, 1, 2)

@@ -4,7 +4,7 @@ the zarr store vs float32 soft labels.
 On the target-train split of a workspace with a trained warm-up model (--workspace, e.g. a bench_accuracy
 seed; otherwise a new workspace is made and `dvc repro warmup` run in it):
 
-* write: `pipeline.inference.write_pseudo_labels` as the stage calls it (forward, softmax, argmax/confidence,
+* write: `pipeline.store.inference.write_pseudo_labels` as the stage calls it (forward, softmax, argmax/confidence,
   compression and zarr writes in a background thread, atomic rename), to a scratch store;
 * pure inference: the same loader and batch size, forward + softmax only (`softmax_at_stride`), nothing kept.
 
@@ -28,8 +28,8 @@ import torch
 from bench_store_size import dir_bytes
 from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_result
 
-from pipeline.inference import _loader, softmax_at_stride, write_pseudo_labels
-from pipeline.runtime import Data, load_model, setup
+from pipeline.engine.context import Data, load_model, setup
+from pipeline.store.inference import _loader, softmax_at_stride, write_pseudo_labels
 
 # The workspace layout dvc.yaml gives the pseudo_label stage.
 MODEL, MANIFESTS = Path("models/warmup/last.pt"), Path("data/manifests")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter  # noqa: E402
+from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter  # noqa: E402
 
 K, H, W = 19, 128, 256
 

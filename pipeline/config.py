@@ -40,7 +40,7 @@ class Strict(BaseModel):
 class EmbeddedParams(Strict):
     """The procedurally generated default dataset (GTA5 layout source, Cityscapes layout target).
 
-    The style sections override the generator's domain defaults knob by knob (``pipeline.synth_style.SynthStyle``
+    The style sections override the generator's domain defaults knob by knob (``pipeline.data.synth_style.SynthStyle``
     documents each); an unknown knob is an error.
     """
 
@@ -56,7 +56,7 @@ class EmbeddedParams(Strict):
     @field_validator("source_style", "target_style")
     @classmethod
     def _known_knobs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.synth_style import SynthStyle
+        from pipeline.data.synth_style import SynthStyle
 
         known = {f.name for f in fields(SynthStyle)}
         unknown = sorted(set(v) - known)
@@ -66,7 +66,7 @@ class EmbeddedParams(Strict):
         return v
 
     def synth_config(self):
-        from pipeline.synth_style import SynthConfig, SynthStyle, source_style, target_style
+        from pipeline.data.synth_style import SynthConfig, SynthStyle, source_style, target_style
 
         return SynthConfig(
             seed=self.seed,

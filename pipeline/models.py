@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from pipeline.distributed import unwrap
+from pipeline.engine.distributed import unwrap
 
 __all__ = [
     "BACKBONES",

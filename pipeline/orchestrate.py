@@ -3,7 +3,7 @@
 When to use which:
 
 * ``dvc repro`` (or ``dvc exp run``) is the everyday entry point. It needs no server; each stage still
-  reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.flows`).
+  reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.orchestration.flows`).
 * ``python -m pipeline.orchestrate run`` starts the pipeline from Prefect: one flow run with a task run per
   stage (state, duration, log of each), next to the stages' own flow runs.
   ``python -m pipeline.orchestrate serve`` keeps a process serving that flow, so a run can be started (or
@@ -28,7 +28,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.flows import server_available
+from pipeline.orchestration.flows import server_available
 
 TAIL_LINES = 40
 

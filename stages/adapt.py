@@ -7,10 +7,10 @@ Usage: python -m stages.adapt --manifests data/manifests --model models/warmup/l
 
 from pathlib import Path
 
-from pipeline.adapt import train_adapt
 from pipeline.config import Params
-from pipeline.runtime import Context, Data
-from pipeline.stage import run_stage, stage_parser
+from pipeline.engine.context import Context, Data
+from pipeline.methods.proda import train_adapt
+from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 

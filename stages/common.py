@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from pipeline.training import TrainOutputs
+from pipeline.engine.training import TrainOutputs
 
 
 def training_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -8,9 +8,9 @@ Usage: python -m stages.distill --round 1 --manifests data/manifests --teacher m
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.distill import train_distill
-from pipeline.runtime import Context, Data
-from pipeline.stage import run_stage, stage_parser
+from pipeline.engine.context import Context, Data
+from pipeline.methods.distill import train_distill
+from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 

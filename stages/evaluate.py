@@ -9,11 +9,11 @@ pseudo/warmup.zarr, pseudo/teacher_<r>.zarr.
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.render import ReportOutputs, write_outputs
-from pipeline.report import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
-from pipeline.runtime import Context, Data
-from pipeline.stage import run_stage, stage_parser
-from pipeline.summary import format_summary
+from pipeline.engine.context import Context, Data
+from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.report.evaluation import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
+from pipeline.report.render import ReportOutputs, write_outputs
+from pipeline.report.summary import format_summary
 
 
 def stage_models(params: Params, models: Path) -> list[StageModel]:

@@ -7,8 +7,8 @@ Usage: python -m stages.generate --out data/embedded
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.runtime import Context
-from pipeline.stage import run_stage, stage_parser
+from pipeline.engine.context import Context
+from pipeline.orchestration.stage import run_stage, stage_parser
 
 
 def check_roots(params: Params, out: Path) -> None:
@@ -29,7 +29,7 @@ def main(ctx: Context, params: Params, out: Path) -> dict | None:
         (out / "NOT_USED.txt").write_text("data.embedded is null: this run uses the dataset roots in params.\n")
         return None
     check_roots(params, out)
-    from pipeline.synth import generate
+    from pipeline.data.synth import generate
 
     summary = ctx.step("generate", generate, out, emb.synth_config())
     return summary.get("counts", summary)

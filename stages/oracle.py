@@ -5,9 +5,9 @@ Usage: python -m stages.oracle --manifests data/manifests --out models/oracle --
 """
 
 from pipeline.config import Params
-from pipeline.runtime import Context, Data
-from pipeline.stage import run_stage, stage_parser
-from pipeline.supervised import train_supervised
+from pipeline.engine.context import Context, Data
+from pipeline.methods.supervised import train_supervised
+from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 

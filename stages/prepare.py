@@ -6,10 +6,10 @@ Usage: python -m stages.prepare --out data/manifests --metrics metrics/prepare.j
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.datasets import prepare_manifests
+from pipeline.data.datasets import prepare_manifests
+from pipeline.engine.context import Context
 from pipeline.files import write_json
-from pipeline.runtime import Context
-from pipeline.stage import run_stage, stage_parser
+from pipeline.orchestration.stage import run_stage, stage_parser
 
 
 def main(ctx: Context, params: Params, out: Path, metrics: Path) -> dict:

@@ -7,10 +7,10 @@ Usage: python -m stages.prototypes --manifests data/manifests --model models/war
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.engine.context import Context, Data, load_model
 from pipeline.files import write_json
-from pipeline.inference import init_prototypes
-from pipeline.runtime import Context, Data, load_model
-from pipeline.stage import run_stage, stage_parser
+from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.store.inference import init_prototypes
 
 
 def main(ctx: Context, params: Params, args) -> dict | None:

@@ -7,9 +7,9 @@ Usage: python -m stages.pseudo_label --manifests data/manifests --model models/w
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.inference import store_quality, write_pseudo_labels
-from pipeline.runtime import Context, Data, load_model
-from pipeline.stage import run_stage, stage_parser
+from pipeline.engine.context import Context, Data, load_model
+from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.store.inference import store_quality, write_pseudo_labels
 
 
 def main(ctx: Context, params: Params, args) -> dict | None:

@@ -8,9 +8,9 @@ Usage: python -m stages.teacher --round 1 --manifests data/manifests --model mod
 from pathlib import Path
 
 from pipeline.config import Params
-from pipeline.inference import store_quality, write_pseudo_labels
-from pipeline.runtime import Context, Data, load_model
-from pipeline.stage import run_stage, stage_parser
+from pipeline.engine.context import Context, Data, load_model
+from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.store.inference import store_quality, write_pseudo_labels
 
 
 def main(ctx: Context, params: Params, args) -> dict | None:

@@ -6,9 +6,9 @@ Usage: python -m stages.warmup --manifests data/manifests --out models/warmup --
 """
 
 from pipeline.config import Params
-from pipeline.runtime import Context, Data
-from pipeline.stage import run_stage, stage_parser
-from pipeline.supervised import align_bn_to_target, train_supervised
+from pipeline.engine.context import Context, Data
+from pipeline.methods.supervised import align_bn_to_target, train_supervised
+from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 

@@ -6,18 +6,18 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_params
 
-import pipeline.distill as distill_mod
-from pipeline.adapt import ProDATask
+import pipeline.methods.distill as distill_mod
 from pipeline.config import parse_params
-from pipeline.distill import DistillTask
-from pipeline.distributed import DistInfo
-from pipeline.engine import collate
-from pipeline.labels import class_names
+from pipeline.data.labels import class_names
+from pipeline.data.views import warp_to_view
+from pipeline.engine.context import Context
+from pipeline.engine.distributed import DistInfo
+from pipeline.engine.loop import collate
+from pipeline.engine.training import TargetViews
+from pipeline.maths.prototypes import PrototypeBank
+from pipeline.methods.distill import DistillTask
+from pipeline.methods.proda import ProDATask
 from pipeline.models import build_model
-from pipeline.prototypes import PrototypeBank
-from pipeline.runtime import Context
-from pipeline.training import TargetViews
-from pipeline.views import warp_to_view
 
 K = 19
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import DatasetError, LabelMapper, SegDataset, prepare_manifests, scan
-from pipeline.labels import SYNTHIA_IDS_16, class_names
+from pipeline.data.datasets import DatasetError, LabelMapper, SegDataset, prepare_manifests, scan
+from pipeline.data.labels import SYNTHIA_IDS_16, class_names
 
 
 def _png(path, arr):

@@ -72,9 +72,14 @@ def test_code_deps_are_the_import_closure(name: str, spec: dict) -> None:
 def test_closures_keep_stages_apart() -> None:
     """The split that makes the cache useful: the report reruns evaluate only; the renderer generate only."""
     closures = {name: import_closure(REPO / "stages" / f"{_module_of(s['cmd'])}.py") for name, s in _stage_specs()}
-    assert {n for n, c in closures.items() if "pipeline/render.py" in c} == {"evaluate"}
-    assert {n for n, c in closures.items() if "pipeline/synth.py" in c} == {"generate"}
-    assert {n for n, c in closures.items() if "pipeline/losses.py" in c} == {"warmup", "oracle", "adapt", "distill"}
+    assert {n for n, c in closures.items() if "pipeline/report/render.py" in c} == {"evaluate"}
+    assert {n for n, c in closures.items() if "pipeline/data/synth.py" in c} == {"generate"}
+    assert {n for n, c in closures.items() if "pipeline/maths/losses.py" in c} == {
+        "warmup",
+        "oracle",
+        "adapt",
+        "distill",
+    }
 
 
 def test_no_library_module_writes_a_stage_path() -> None:
@@ -82,7 +87,7 @@ def test_no_library_module_writes_a_stage_path() -> None:
     pattern = re.compile(r"""["'](models|metrics|plots|pseudo|reports|data)/""")
     offenders = [
         f"{p.relative_to(REPO)}:{i}"
-        for p in sorted((REPO / "pipeline").glob("*.py"))
+        for p in sorted((REPO / "pipeline").rglob("*.py"))
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if pattern.search(line)
     ]
@@ -105,3 +110,24 @@ def test_commands_and_params_agree_with_the_default() -> None:
     outs = {o for _, s in _stage_specs() for o in s.get("outs", []) if isinstance(o, str)}
     for r, spec in p.distill.rounds.items():
         assert spec.teacher == "models/adapt" or spec.teacher in {o.replace("${key}", str(r - 1)) for o in outs}
+
+
+def _declared_paths(spec: dict) -> set[str]:
+    out: set[str] = set()
+    for key in ("deps", "outs", "metrics", "plots"):
+        for entry in spec.get(key, []):
+            out.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return out
+
+
+@pytest.mark.parametrize("name, spec", _stage_specs(), ids=[n for n, _ in _stage_specs()])
+def test_every_path_a_command_passes_is_declared(name: str, spec: dict) -> None:
+    """Each path on a stage's command line is a declared dep or output, a file inside one, or the folder of
+    declared files (evaluate's plots and reports are declared file by file)."""
+    declared = _declared_paths(spec)
+    args = spec["cmd"].split()
+    paths = [a for flag, a in zip(args, args[1:]) if flag.startswith("--") and flag != "--round"]
+    assert paths, spec["cmd"]
+    for path in paths:
+        inside = any(path == d or path.startswith(d + "/") or d.startswith(path + "/") for d in declared)
+        assert inside, f"stage '{name}': {path} is passed on the command line but not declared"

@@ -1,4 +1,4 @@
-"""The training engine (pipeline.engine) through the real warm-up stage: exact resume after SIGKILL, stale
+"""The training engine (pipeline.engine.loop) through the real warm-up stage: exact resume after SIGKILL, stale
 resume state, 2-process gloo DDP under torchrun, plus unit tests of the sampler and the resumable stream.
 
 The process tests run ``python -m stages.warmup`` (as dvc.yaml does) in copies of one workspace whose
@@ -22,9 +22,9 @@ import pytest
 import torch
 from tiny import stage, stage_argv, tiny_params, workspace, write_params
 
-from pipeline.datasets import index_seed
-from pipeline.distributed import DistInfo
-from pipeline.engine import EpochBatchSampler, Stream
+from pipeline.data.datasets import index_seed
+from pipeline.engine.distributed import DistInfo
+from pipeline.engine.loop import EpochBatchSampler, Stream
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ITERS = 40  # long enough that the kill lands well before the end; a step is ~50 ms on one CPU core
@@ -328,7 +328,7 @@ def test_stream_resumes_at_its_position_and_leaves_global_rng_alone():
 
 
 def test_poly_schedule_values() -> None:
-    from pipeline.engine import apply_poly, poly_factor
+    from pipeline.engine.loop import apply_poly, poly_factor
 
     assert poly_factor(0, 100, 0.9) == pytest.approx(1.0)
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)

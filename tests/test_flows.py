@@ -1,4 +1,4 @@
-"""StageRun with and without a Prefect server, and the whole-pipeline flow (pipeline.flows, pipeline.orchestrate).
+"""StageRun with and without a Prefect server, and the whole-pipeline flow (orchestration.flows, orchestrate).
 
 Server tests start one real ``prefect server`` for the module (~15-25 s) and query it over its REST API.
 They are skipped only when prefect is not installed.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import flows
+from pipeline.orchestration import flows
+from pipeline.orchestration.server import healthy, start_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ needs_prefect = pytest.mark.skipif(importlib.util.find_spec("prefect") is None, 
 STAGE_SCRIPT = """
 import json, sys, time
 t0 = time.perf_counter()
-from pipeline.flows import StageRun
+from pipeline.orchestration.flows import StageRun
 
 def add(a, b):
     print("adding", a, b)
@@ -158,26 +159,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=clean_env(home, PREFECT_UI_ENABLED="false"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # own process group: killpg reaches the server's workers too
-    )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        # The project's own start-up (the settings `make prefect` uses), without the UI's static files.
+        proc = start_server("127.0.0.1", port, home / "server.log", env=clean_env(home, PREFECT_UI_ENABLED="false"))
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    try:
         yield {"url": url, "home": home}
     finally:
         try:
@@ -188,7 +175,29 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             proc.wait()
         except ProcessLookupError:
             pass
-        log.close()
+
+
+@needs_prefect
+def test_make_prefect_starts_a_detached_server_with_analytics_off(tmp_path: Path) -> None:
+    """`make prefect`'s command returns once the server answers, leaves it running in its own session, and
+    starts it with telemetry off (offline, the telemetry call kills a server started without it)."""
+    port = free_port()
+    env = clean_env(tmp_path / "home", PREFECT_UI_ENABLED="false")
+    del env["PREFECT_SERVER_ANALYTICS_ENABLED"]  # the module must set it itself
+    cmd = [sys.executable, "-m", "pipeline.orchestration.server", "--port", str(port), "--log", str(tmp_path / "s.log")]
+    res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pid = int(res.stdout.split("pid ")[1].split(",")[0])
+    try:
+        assert f"UI: http://127.0.0.1:{port}" in res.stdout
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{port}/api" in res.stdout
+        assert healthy(f"http://127.0.0.1:{port}/api")  # still up after the command returned
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"PREFECT_SERVER_ANALYTICS_ENABLED=false" in environ
+        again = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and "already answers" in again.stdout
+    finally:
+        os.killpg(pid, signal.SIGTERM)
 
 
 @needs_prefect
@@ -272,7 +281,7 @@ stages:
 """
 
 B_STAGE = """\
-from pipeline.flows import StageRun
+from pipeline.orchestration.flows import StageRun
 
 def main(run):
     text = run.step("read", lambda: open("a.txt").read())

@@ -1,4 +1,4 @@
-"""Hand-checked values for pipeline.losses."""
+"""Hand-checked values for pipeline.maths.losses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
+from pipeline.maths.losses import (
     cross_entropy,
     entropy_regulariser,
     kd_kl,

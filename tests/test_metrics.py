@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.labels import train_id_to_label_id
-from pipeline.metrics import ConfusionMatrix, confusion_from_label_id_pngs
+from pipeline.data.labels import train_id_to_label_id
+from pipeline.maths.metrics import ConfusionMatrix, confusion_from_label_id_pngs
 
 
 def test_iou_by_hand():

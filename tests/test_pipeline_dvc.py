@@ -89,9 +89,9 @@ def test_param_change_reruns_stage_and_descendants_only(repo: Path) -> None:
 @pytest.mark.parametrize(
     "module, stages",
     [
-        ("pipeline/render.py", {"evaluate"}),
-        ("pipeline/synth.py", {"generate"}),
-        ("pipeline/losses.py", {"warmup", "oracle", "adapt", "distill@1"}),
+        ("pipeline/report/render.py", {"evaluate"}),
+        ("pipeline/data/synth.py", {"generate"}),
+        ("pipeline/maths/losses.py", {"warmup", "oracle", "adapt", "distill@1"}),
     ],
 )
 def test_code_edit_marks_only_the_stages_that_import_it(repo: Path, module: str, stages: set[str]) -> None:

@@ -1,4 +1,4 @@
-"""Hand-checked values for pipeline.prototypes, plus a 2-process gloo test of the DDP prototype updates."""
+"""Hand-checked values for pipeline.maths.prototypes, plus a 2-process gloo test of the DDP prototype updates."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.prototypes import (
+from pipeline.maths.prototypes import (
     PrototypeAccumulator,
     PrototypeBank,
     class_feature_sums,

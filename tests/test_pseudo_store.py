@@ -13,7 +13,7 @@ import torch
 import zarr
 
 from pipeline.files import sha256_file
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter, tmp_path_for
+from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter, tmp_path_for
 
 K, H, W = 4, 8, 12
 IDS = ["aachen/aachen_000000_000019", "bochum/bochum_000000_000313", "zurich/zurich_000001_000019"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter
-from pipeline.quality import QualityAccumulator, evaluate_store_quality, write_quality
+from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter
+from pipeline.store.quality import QualityAccumulator, evaluate_store_quality, write_quality
 
 NAMES = ["road", "car", "sky"]
 X = 255  # ignore
@@ -92,7 +92,7 @@ def _store(tmp_path, ids):
 def test_evaluate_store_quality(tmp_path, caplog):
     store = _store(tmp_path, ["a/1", "a/2", "b/3"])
     gts = {"a/1": GT, "b/3": GT}  # a/2 has no ground truth
-    with caplog.at_level(logging.WARNING, logger="pipeline.quality"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.store.quality"):
         s = evaluate_store_quality(store, gts.get, 0.5, NAMES)
     assert s is not None and s["num_images"] == 2 and s["num_images_without_gt"] == 1
     for key, value in EXPECTED.items():
@@ -104,9 +104,9 @@ def test_evaluate_store_quality(tmp_path, caplog):
 
 def test_no_ground_truth_is_skipped(tmp_path, caplog):
     store = _store(tmp_path, ["a/1", "a/2"])
-    with caplog.at_level(logging.INFO, logger="pipeline.quality"):
+    with caplog.at_level(logging.INFO, logger="pipeline.store.quality"):
         assert evaluate_store_quality(store, lambda _id: None, 0.95, NAMES, num_threads=1) is None
-    records = [r for r in caplog.records if r.name == "pipeline.quality"]
+    records = [r for r in caplog.records if r.name == "pipeline.store.quality"]
     assert len(records) == 1 and "no ground truth" in records[0].getMessage()
 
 

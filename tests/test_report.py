@@ -19,14 +19,15 @@ import torch
 from PIL import Image
 from tiny import tiny_params
 
-from pipeline import render, report, summary
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import ModelParams, Params, parse_params
-from pipeline.datasets import LabelMapper, scan, validate_and_count, write_manifest
-from pipeline.distributed import DistInfo
-from pipeline.labels import class_names
-from pipeline.pseudo_store import PseudoLabelWriter
-from pipeline.runtime import Context, Data, new_model, save_model
+from pipeline.data.datasets import LabelMapper, scan, validate_and_count, write_manifest
+from pipeline.data.labels import class_names
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.context import Context, Data, new_model, save_model
+from pipeline.engine.distributed import DistInfo
+from pipeline.report import evaluation as report
+from pipeline.report import render, summary
+from pipeline.store.pseudo_store import PseudoLabelWriter
 from stages.evaluate import final_stage, pseudo_stores, stage_models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -334,7 +335,7 @@ def test_summary_prints_table(run, capsys):
 
 def test_summary_missing_file(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline.summary", "metrics/evaluate.json"],
+        [sys.executable, "-m", "pipeline.report.summary", "metrics/evaluate.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.prototypes import PrototypeBank
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter
+from pipeline.maths.prototypes import PrototypeBank
+from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter
 from tests.tiny import stage, tiny_params, workspace, write_params
 
 

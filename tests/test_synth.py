@@ -9,8 +9,8 @@ import pytest
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from PIL import Image
 
-from pipeline import synth
-from pipeline.synth import SynthConfig, SynthStyle, generate, render
+from pipeline.data import synth
+from pipeline.data.synth import SynthConfig, SynthStyle, generate, render
 
 CS_IDS = {lab.id for lab in CS_LABELS if lab.id >= 0}
 TRAIN19 = {lab.id for lab in CS_LABELS if 0 <= lab.trainId < 255}

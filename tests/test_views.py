@@ -1,4 +1,4 @@
-"""Geometry replay tests for pipeline.views: known patterns pushed through views must be recoverable from coords."""
+"""Geometry replay tests for pipeline.data.views: patterns pushed through views must be recoverable from coords."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.views import (
+from pipeline.data.views import (
     GEOMETRIC_OPS,
     IGNORE_INDEX,
     PHOTOMETRIC_OPS,

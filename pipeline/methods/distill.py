@@ -13,14 +13,11 @@ import torch
 from torch import nn
 
 from pipeline.config import DistillParams
-from pipeline.engine import build_optimizer
-from pipeline.files import sha256_file
-from pipeline.labels import IGNORE_INDEX as IGNORE
-from pipeline.losses import kd_kl, masked_ce_hard
-from pipeline.models import load_backbone_weights, param_groups
-from pipeline.pseudo_store import PseudoLabelStore
-from pipeline.runtime import Context, Data, load_model, model_params_of, new_model
-from pipeline.training import (
+from pipeline.data.labels import IGNORE_INDEX as IGNORE
+from pipeline.data.views import downsample_valid, warp_to_view
+from pipeline.engine.context import Context, Data, load_model, model_params_of, new_model
+from pipeline.engine.loop import build_optimizer
+from pipeline.engine.training import (
     TargetViews,
     TrainOutputs,
     WeakTransform,
@@ -32,7 +29,10 @@ from pipeline.training import (
     upsample,
     wrap_ddp,
 )
-from pipeline.views import downsample_valid, warp_to_view
+from pipeline.files import sha256_file
+from pipeline.maths.losses import kd_kl, masked_ce_hard
+from pipeline.models import load_backbone_weights, param_groups
+from pipeline.store.pseudo_store import PseudoLabelStore
 
 
 class DistillTask:

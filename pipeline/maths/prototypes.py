@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.distributed import is_dist
+from pipeline.data.ignore import IGNORE_INDEX
+from pipeline.engine.distributed import is_dist
 from pipeline.files import atomic_path
-from pipeline.ignore import IGNORE_INDEX
 
 __all__ = [
     "proto_logits",

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.ignore import IGNORE_INDEX
 from pipeline.files import write_csv
-from pipeline.ignore import IGNORE_INDEX
 
 
 class ConfusionMatrix:
@@ -86,7 +86,7 @@ def confusion_from_label_id_pngs(
     """Confusion matrix of predictions written in Cityscapes label-ID format against gtFine labelIds."""
     from PIL import Image
 
-    from pipeline.labels import cityscapes_lut
+    from pipeline.data.labels import cityscapes_lut
 
     lut = cityscapes_lut(num_classes)
     cm = ConfusionMatrix(num_classes)

@@ -1,4 +1,4 @@
-"""Prints the run's final table from the evaluate stage's metrics: ``python -m pipeline.summary <metrics.json>``.
+"""Prints the run's final table from the evaluate stage's metrics: ``python -m pipeline.report.summary <metrics.json>``.
 
 ``make run`` calls it after ``dvc repro``; it reads only the metrics file, so it is instant.
 """
@@ -66,7 +66,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m pipeline.summary <metrics JSON of the evaluate stage>", file=sys.stderr)
+        print("usage: python -m pipeline.report.summary <metrics JSON of the evaluate stage>", file=sys.stderr)
         return 2
     path = Path(args[0])
     if not path.is_file():

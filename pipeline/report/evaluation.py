@@ -1,4 +1,4 @@
-"""The `evaluate` stage's measurements: one report of the whole run (``pipeline.render`` writes it out).
+"""The `evaluate` stage's measurements: one report of the whole run (``pipeline.report.render`` writes it out).
 
 Every stage's final model is re-evaluated here on target val, so the table never depends on numbers other
 stages wrote. The source-only model is the baseline: gap closed = (mIoU − source-only mIoU) / (oracle mIoU −
@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import checkpoint as ckpt
-from pipeline.checkpoint import CheckpointError
-from pipeline.datasets import SegDataset
-from pipeline.engine import evaluate, predict_logits
-from pipeline.inference import gt_loader
-from pipeline.metrics import ConfusionMatrix
-from pipeline.pseudo_store import PseudoLabelStore
-from pipeline.quality import evaluate_store_quality
-from pipeline.runtime import Context, Data, load_model
+from pipeline.data.datasets import SegDataset
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.context import Context, Data, load_model
+from pipeline.engine.loop import evaluate, predict_logits
+from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.store.inference import gt_loader
+from pipeline.store.pseudo_store import PseudoLabelStore
+from pipeline.store.quality import evaluate_store_quality
 
 WARMUP, ORACLE, ADAPT, SOURCE_ONLY = "warmup", "oracle", "adapt", "source_only"
 LABELS = {

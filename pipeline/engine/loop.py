@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import OptimParams
-from pipeline.datasets import index_seed
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier, unwrap
-from pipeline.metrics import ConfusionMatrix
+from pipeline.data.datasets import index_seed
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from pipeline.maths.metrics import ConfusionMatrix
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -27,7 +27,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.synth_style import (  # noqa: F401  (re-exported: the generator's public names)
+from pipeline.data.synth_style import (  # noqa: F401  (re-exported: the generator's public names)
     BASE_RATES,
     PERSON_CLASSES,
     VEHICLE_CLASSES,
@@ -990,7 +990,7 @@ def generate(root: str | Path, cfg: SynthConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipeline.synth ROOT [--seed N] [--n-source N] ...``: generate with default styles."""
+    """``python -m pipeline.data.synth ROOT [--seed N] [--n-source N] ...``: generate with default styles."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import DataParams, ModelParams, Params, load_params
-from pipeline.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
-from pipeline.distributed import DistInfo, init_distributed
-from pipeline.labels import class_names
+from pipeline.data.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
+from pipeline.data.labels import class_names
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.distributed import DistInfo, init_distributed
 from pipeline.models import SegModel, build_model
 
 
@@ -33,7 +33,7 @@ class Context:
     seed: int
     info: DistInfo
     class_names: list[str]
-    # The stage's Prefect-or-plain run (pipeline.flows.StageRun): `ctx.run.step(name, fn, ...)`.
+    # The stage's Prefect-or-plain run (pipeline.orchestration.flows.StageRun): `ctx.run.step(name, fn, ...)`.
     run: Any = None
 
     def step(self, name: str, fn, /, *args, **kwargs):

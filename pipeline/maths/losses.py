@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.ignore import IGNORE_INDEX
+from pipeline.data.ignore import IGNORE_INDEX
 
 __all__ = [
     "cross_entropy",

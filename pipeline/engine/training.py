@@ -11,16 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
-from pipeline.engine import FitResult, Stream, Task, evaluate, fit
+from pipeline.data.views import StrongViewConfig, WeakViewConfig, make_strong_view, make_weak_view
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.context import Context, Data, save_model
+from pipeline.engine.loop import FitResult, Stream, Task, evaluate, fit
 from pipeline.files import write_json
-from pipeline.losses import cross_entropy
-from pipeline.metrics import write_per_class_csv
+from pipeline.maths.losses import cross_entropy
+from pipeline.maths.metrics import write_per_class_csv
 from pipeline.models import source_bn_frozen
-from pipeline.pseudo_store import PseudoLabelStore
-from pipeline.runtime import Context, Data, save_model
-from pipeline.views import StrongViewConfig, WeakViewConfig, make_strong_view, make_weak_view
+from pipeline.store.pseudo_store import PseudoLabelStore
 
 
 def weak_config(v: ViewParams) -> WeakViewConfig:

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.labels import IGNORE_INDEX, palette
 from pipeline.files import write_bytes, write_csv, write_json
-from pipeline.labels import IGNORE_INDEX, palette
-from pipeline.metrics import ConfusionMatrix
-from pipeline.report import LABELS, SOURCE_ONLY, WARMUP, Report
+from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.report.evaluation import LABELS, SOURCE_ONLY, WARMUP, Report
 
 # File names inside the reports folder (dvc.yaml declares each).
 REPORT_MD, CONFUSION_PNG, CONFUSION_CSV, OVERLAYS_PNG = (

@@ -1,7 +1,7 @@
 """Pseudo-label quality against ground truth: how much is kept at a threshold, and how right it is.
 
 Users of the public ProDA code asked for per-round pseudo-label quality; this module measures it for any store
-written by :mod:`pipeline.pseudo_store` whenever target ground truth exists (Cityscapes train has it; a real
+written by :mod:`pipeline.store.pseudo_store` whenever target ground truth exists (Cityscapes train has it; a real
 unlabeled target does not, and then the stage simply skips the report).
 
 Definitions (all over pixels whose ground truth is not ``ignore_index``):
@@ -31,10 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.data.ignore import IGNORE_INDEX
 from pipeline.files import write_csv, write_json
-from pipeline.ignore import IGNORE_INDEX
-from pipeline.metrics import ConfusionMatrix
-from pipeline.pseudo_store import PseudoLabelStore
+from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.store.pseudo_store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
 

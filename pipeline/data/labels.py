@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
-from pipeline.ignore import IGNORE_INDEX  # noqa: F401  (re-exported: the data side's name for it)
+from pipeline.data.ignore import IGNORE_INDEX  # noqa: F401  (re-exported: the data side's name for it)
 
 # The 19 Cityscapes evaluation classes, in train-ID order.
 CS19_NAMES: list[str] = [

@@ -1,7 +1,7 @@
 """Knobs of the embedded generator: the look of each domain (``SynthStyle``) and the dataset's size and seed
 (``SynthConfig``), with the default source and target styles.
 
-Kept apart from the renderer (``pipeline.synth``) so that parameter validation, which every stage runs, does
+Kept apart from the renderer (``pipeline.data.synth``) so that parameter validation, which every stage runs, does
 not depend on the drawing code: an edit of the renderer reruns only the `generate` stage.
 """
 

@@ -34,7 +34,7 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline.ignore import IGNORE_INDEX
+from pipeline.data.ignore import IGNORE_INDEX
 
 FORMAT_NAME = "proda-pseudo-labels"
 FORMAT_VERSION = 1

@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.datasets import SegDataset
-from pipeline.engine import autocast, collate
+from pipeline.data.datasets import SegDataset
+from pipeline.engine.context import Context, Data
+from pipeline.engine.loop import autocast, collate
 from pipeline.files import sha256_file, write_csv, write_json
-from pipeline.prototypes import PrototypeAccumulator, PrototypeBank
-from pipeline.pseudo_store import PseudoLabelStore, PseudoLabelWriter
-from pipeline.quality import evaluate_store_quality, write_quality
-from pipeline.runtime import Context, Data
+from pipeline.maths.prototypes import PrototypeAccumulator, PrototypeBank
+from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter
+from pipeline.store.quality import evaluate_store_quality, write_quality
 
 
 def _loader(ds: SegDataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:

@@ -21,18 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import AdaptParams
-from pipeline.engine import autocast, build_optimizer, collate
-from pipeline.files import sha256_file, write_json
-from pipeline.labels import IGNORE_INDEX as IGNORE
-from pipeline.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
-from pipeline.models import ModelEMA, param_groups
-from pipeline.prototypes import PrototypeBank, proto_logits, rectify
-from pipeline.pseudo_store import PseudoLabelStore
-from pipeline.quality import QualityAccumulator
-from pipeline.runtime import Context, Data, load_model, model_params_of
-from pipeline.training import (
+from pipeline.data.labels import IGNORE_INDEX as IGNORE
+from pipeline.data.views import downsample_valid, warp_to_view
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.context import Context, Data, load_model, model_params_of
+from pipeline.engine.loop import autocast, build_optimizer, collate
+from pipeline.engine.training import (
     TargetViews,
     TrainOutputs,
     WeakTransform,
@@ -44,7 +39,12 @@ from pipeline.training import (
     upsample,
     wrap_ddp,
 )
-from pipeline.views import downsample_valid, warp_to_view
+from pipeline.files import sha256_file, write_json
+from pipeline.maths.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
+from pipeline.maths.prototypes import PrototypeBank, proto_logits, rectify
+from pipeline.models import ModelEMA, param_groups
+from pipeline.store.pseudo_store import PseudoLabelStore
+from pipeline.store.quality import QualityAccumulator
 
 
 class ProDATask:

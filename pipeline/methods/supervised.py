@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import AdversarialParams, ModelParams, OptimParams, OracleParams, WarmupParams
-from pipeline.distributed import DistInfo, unwrap
-from pipeline.engine import build_optimizer, evaluate
+from pipeline.engine import checkpoint as ckpt
+from pipeline.engine.context import Context, Data, load_model, new_model
+from pipeline.engine.distributed import DistInfo, unwrap
+from pipeline.engine.loop import build_optimizer, evaluate
+from pipeline.engine.training import TrainOutputs, WeakTransform, make_evaluator, run_training, stream, wrap_ddp
 from pipeline.files import sha256_file, write_json
-from pipeline.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
+from pipeline.maths.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
-from pipeline.runtime import Context, Data, load_model, new_model
-from pipeline.training import TrainOutputs, WeakTransform, make_evaluator, run_training, stream, wrap_ddp
 
 
 class SupervisedTask:

@@ -2,7 +2,7 @@
 
 Every stage script wraps its work like this::
 
-    from pipeline.flows import StageRun
+    from pipeline.orchestration.flows import StageRun
 
     def main(run: StageRun) -> None:
         model = run.step("train", train, cfg)            # a Prefect task in server mode

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline import labels as L
+from pipeline.data import labels as L
 from pipeline.files import write_text
 
 Kind = Literal["gta5", "synthia", "cityscapes"]

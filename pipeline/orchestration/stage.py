@@ -8,12 +8,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import Params, ParamsError
-from pipeline.datasets import DatasetError
-from pipeline.distributed import cleanup
-from pipeline.flows import StageRun
-from pipeline.runtime import Context, setup
+from pipeline.data.datasets import DatasetError
+from pipeline.engine.checkpoint import CheckpointError
+from pipeline.engine.context import Context, setup
+from pipeline.engine.distributed import cleanup
+from pipeline.orchestration.flows import StageRun
 
 # Errors that describe bad input: shown as one message naming the file or key, without a traceback.
 USER_ERRORS = (ParamsError, DatasetError, CheckpointError, FileNotFoundError, ValueError)

@@ -1,0 +1,1 @@
+"""Data: label definitions, datasets from manifests, joint image/label views, the embedded generator."""
