@@ -5,6 +5,7 @@ Usage: python -m stages.adapt --manifests data/manifests --model models/warmup/l
        --metrics metrics/adapt.json --rectified-metrics metrics/adapt_rectified.json --plots plots/adapt
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -14,7 +15,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 
-def main(ctx: Context, params: Params, args) -> dict:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
     data = Data(params.data, args.manifests)
     out = training_outputs(args)
     return train_adapt(

@@ -5,6 +5,7 @@ Usage: python -m stages.distill --round 1 --manifests data/manifests --teacher m
        --plots plots/distill_1
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -14,7 +15,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 
-def main(ctx: Context, params: Params, args) -> dict:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
     if args.round not in params.distill.rounds:
         raise ValueError(f"--round {args.round} is not in distill.rounds {sorted(params.distill.rounds)}")
     data = Data(params.data, args.manifests)

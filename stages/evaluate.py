@@ -6,6 +6,7 @@ The model and pseudo-label folders are laid out as dvc.yaml's stages write them:
 pseudo/warmup.zarr, pseudo/teacher_<r>.zarr.
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -47,7 +48,7 @@ def pseudo_stores(params: Params, pseudo: Path) -> list[PseudoStore]:
     return out
 
 
-def main(ctx: Context, params: Params, args) -> None:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> None:
     data = Data(params.data, args.manifests)
     ev = params.evaluate
     models, stores = stage_models(params, args.models), pseudo_stores(params, args.pseudo)

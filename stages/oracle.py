@@ -4,6 +4,8 @@ Usage: python -m stages.oracle --manifests data/manifests --out models/oracle --
        --plots plots/oracle
 """
 
+import argparse
+
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
 from pipeline.methods.supervised import train_supervised
@@ -11,7 +13,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 
-def main(ctx: Context, params: Params, args) -> dict:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
     data = Data(params.data, args.manifests)
     out = training_outputs(args)
     return train_supervised(ctx, data, params.oracle, params.model, "target_train", out, params.evaluate.batch_size)

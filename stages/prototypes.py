@@ -4,6 +4,7 @@ Usage: python -m stages.prototypes --manifests data/manifests --model models/war
        --labels pseudo/warmup.zarr --out models/prototypes.pt --metrics metrics/prototypes.json
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -13,7 +14,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from pipeline.store.inference import init_prototypes
 
 
-def main(ctx: Context, params: Params, args) -> dict | None:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
     if not ctx.info.is_main:
         return None
     p = params.prototypes

@@ -4,6 +4,7 @@ Usage: python -m stages.pseudo_label --manifests data/manifests --model models/w
        --out pseudo/warmup.zarr --metrics metrics/pseudo_label.json --plots plots/pseudo_label
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -12,7 +13,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from pipeline.store.inference import store_quality, write_pseudo_labels
 
 
-def main(ctx: Context, params: Params, args) -> dict | None:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
     p = params.pseudo_label
     if not ctx.info.is_main:
         return None

@@ -5,6 +5,7 @@ Usage: python -m stages.teacher --round 1 --manifests data/manifests --model mod
        --out pseudo/teacher_1.zarr --metrics metrics/teacher_1.json --plots plots/teacher_1
 """
 
+import argparse
 from pathlib import Path
 
 from pipeline.config import Params
@@ -13,7 +14,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from pipeline.store.inference import store_quality, write_pseudo_labels
 
 
-def main(ctx: Context, params: Params, args) -> dict | None:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
     if not ctx.info.is_main:
         return None
     p = params.teacher

@@ -5,6 +5,8 @@ Usage: python -m stages.warmup --manifests data/manifests --out models/warmup --
        --plots plots/warmup
 """
 
+import argparse
+
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
 from pipeline.methods.supervised import align_bn_to_target, train_supervised
@@ -12,7 +14,7 @@ from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
 
-def main(ctx: Context, params: Params, args) -> dict | None:
+def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
     data, out, eval_batch = Data(params.data, args.manifests), training_outputs(args), params.evaluate.batch_size
     metrics = train_supervised(ctx, data, params.warmup, params.model, "source", out, eval_batch)
     if params.warmup.target_bn:
