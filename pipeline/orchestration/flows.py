@@ -1,6 +1,7 @@
 """Run a pipeline stage as a Prefect flow when a Prefect server answers, as plain Python when none does.
 
-Every stage script wraps its work like this::
+Stage modules do not use it directly: ``pipeline.orchestration.stage.run_stage`` builds one per stage process and
+``Context.step`` forwards to it. What it does, on its own::
 
     from pipeline.orchestration.flows import StageRun
 
