@@ -119,18 +119,26 @@ def save_model(path: str | Path, model: torch.nn.Module, ctx: Context, mp: Model
     ckpt.save_atomic(ckpt.model_payload(model.state_dict(), json.loads(json.dumps(meta))), path)
 
 
-def load_model(path: str | Path, ctx: Context) -> SegModel:
-    """Rebuilds a model from its own file (architecture from its metadata) and checks the class list."""
+def model_params(meta: dict) -> ModelParams:
+    """The architecture a model file declares (its weights are in the file: no pretrained path to reload)."""
+    return ModelParams.model_validate({**meta["model"], "pretrained": None})
+
+
+def read_model(path: str | Path, ctx: Context) -> tuple[SegModel, dict]:
+    """Rebuilds a model from its own file (architecture from its metadata), checks the class list, and returns
+    it with the file's metadata; the file is read once."""
     data = ckpt.load_model_file(path, ctx.class_names)
-    mp = ModelParams.model_validate({**data["meta"]["model"], "pretrained": None})
-    model = new_model(mp, ctx.num_classes)
+    model = new_model(model_params(data["meta"]), ctx.num_classes)
     try:
         model.load_state_dict(data["model"])
     except RuntimeError as err:
         raise ckpt.CheckpointError(f"{path} does not fit its declared architecture: {err}") from None
-    return model.to(ctx.info.device)
+    return model.to(ctx.info.device), data["meta"]
+
+
+def load_model(path: str | Path, ctx: Context) -> SegModel:
+    return read_model(path, ctx)[0]
 
 
 def model_params_of(path: str | Path) -> ModelParams:
-    data = ckpt.load(path)
-    return ModelParams.model_validate({**data["meta"]["model"], "pretrained": None})
+    return model_params(ckpt.load(path)["meta"])

@@ -132,10 +132,9 @@ def stream(ctx: Context, data: Data, name: str, with_labels: bool, transform, ba
 def make_evaluator(ctx: Context, data: Data, batch_size: int):
     """mIoU on target val (all DDP ranks take part), as every training stage evaluates."""
     val = data.dataset("target_val", with_labels=True)
-    bs = batch_size
 
     def _eval(model: nn.Module) -> dict:
-        cm = evaluate(model, val, ctx.num_classes, ctx.info, bs)
+        cm = evaluate(model, val, ctx.num_classes, ctx.info, batch_size)
         out = cm.summary(ctx.class_names)
         out["_iou"] = cm.iou()
         return out

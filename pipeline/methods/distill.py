@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.config import DistillParams
+from pipeline.config import DistillParams, ModelParams
 from pipeline.data.labels import IGNORE_INDEX as IGNORE
 from pipeline.data.views import downsample_valid, warp_to_view
-from pipeline.engine.context import Context, Data, load_model, model_params_of, new_model
+from pipeline.engine.context import Context, Data, model_params, model_params_of, new_model, read_model
 from pipeline.engine.loop import build_optimizer
 from pipeline.engine.training import (
     TargetViews,
@@ -85,15 +85,17 @@ class DistillTask:
         return total, logs
 
 
-def student(ctx: Context, p: DistillParams, teacher_path: Path) -> nn.Module:
-    """The student's initial weights: the teacher's, a local self-supervised/ImageNet backbone, or random."""
+def student(ctx: Context, p: DistillParams, teacher_path: Path) -> tuple[nn.Module, ModelParams]:
+    """The student (the teacher's architecture) and its initial weights: the teacher's, a local
+    self-supervised/ImageNet backbone, or random."""
     if p.student_init == "previous":
-        return load_model(teacher_path, ctx)
+        teacher, meta = read_model(teacher_path, ctx)
+        return teacher, model_params(meta)
     mp = model_params_of(teacher_path)
     model = new_model(mp, ctx.num_classes)
     if p.student_init == "pretrained":
         load_backbone_weights(model, p.student_weights)
-    return model.to(ctx.info.device)
+    return model.to(ctx.info.device), mp
 
 
 def train_distill(
@@ -111,7 +113,7 @@ def train_distill(
     store.check_matches(data.dataset("target_train", with_labels=False).ids, ctx.class_names)
     if p.kd_beta > 0 and not store.has_soft:
         raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
-    model = student(ctx, p, teacher_path)
+    model, mp = student(ctx, p, teacher_path)
     model.train()
     task = DistillTask(ctx, model, p)
     bs = p.optim.batch_size
@@ -125,7 +127,7 @@ def train_distill(
         task,
         streams,
         p.optim,
-        model_params_of(teacher_path),
+        mp,
         evaluator=make_evaluator(ctx, data, eval_batch),
         out=out,
         loss_names=DistillTask.loss_names(p),

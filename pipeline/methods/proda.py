@@ -25,7 +25,7 @@ from pipeline.config import AdaptParams
 from pipeline.data.labels import IGNORE_INDEX as IGNORE
 from pipeline.data.views import downsample_valid, warp_to_view
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.context import Context, Data, load_model, model_params_of
+from pipeline.engine.context import Context, Data, model_params, read_model
 from pipeline.engine.loop import autocast, build_optimizer, collate
 from pipeline.engine.training import (
     TargetViews,
@@ -167,7 +167,7 @@ def train_adapt(
     Writes ``out`` (plus ``prototypes.pt`` and ``ema.pt`` in ``out.models``) and the raw vs rectified
     pseudo-label quality to ``rectified_metrics`` when target train has ground truth.
     """
-    model = load_model(warmup, ctx)
+    model, meta = read_model(warmup, ctx)
     model.train()
     store = PseudoLabelStore(store_path)
     tgt_ds_ids = data.dataset("target_train", with_labels=False).ids
@@ -191,7 +191,7 @@ def train_adapt(
         task,
         streams,
         p.optim,
-        model_params_of(warmup),
+        model_params(meta),
         evaluator=make_evaluator(ctx, data, eval_batch),
         out=out,
         loss_names=ProDATask.loss_names(p),

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from pipeline.config import AdversarialParams, ModelParams, OptimParams, OracleParams, WarmupParams
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.context import Context, Data, load_model, new_model
+from pipeline.engine.context import Context, Data, new_model, read_model
 from pipeline.engine.distributed import DistInfo, unwrap
 from pipeline.engine.loop import build_optimizer, evaluate
 from pipeline.engine.training import TrainOutputs, WeakTransform, make_evaluator, run_training, stream, wrap_ddp
@@ -138,8 +138,7 @@ def align_bn_to_target(ctx: Context, data: Data, out_dir: Path, metrics_path: Pa
         return None
     local = DistInfo(0, 1, 0, ctx.info.device)
     last, kept = out_dir / "last.pt", out_dir / "source_only.pt"
-    saved = ckpt.load(last)
-    model = load_model(last, ctx)
+    model, saved_meta = read_model(last, ctx)
     tgt = data.dataset("target_train", with_labels=False)
     bs = batch_size
 
@@ -162,7 +161,7 @@ def align_bn_to_target(ctx: Context, data: Data, out_dir: Path, metrics_path: Pa
         "target_bn_images": n,
     }
     shutil.copyfile(last, kept)
-    meta = {**saved["meta"], "note": "source training + BatchNorm statistics of target train (AdaBN)"}
+    meta = {**saved_meta, "note": "source training + BatchNorm statistics of target train (AdaBN)"}
     meta["metrics"] = {k: v for k, v in aligned.items() if k != "per_class_iou"}
     payload = ckpt.model_payload(model.state_dict(), meta)
     ckpt.save_atomic(payload, last)

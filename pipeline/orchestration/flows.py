@@ -78,6 +78,18 @@ def _setting(key: str, profile: Mapping[str, Any]) -> str | None:
     return str(value) if value else None
 
 
+def api_healthy(url: str, timeout: float, headers: Mapping[str, str] | None = None) -> bool:
+    """Whether ``<url>/health`` of a Prefect API answers 200 within ``timeout`` seconds."""
+    request = urllib.request.Request(f"{url}/health", headers=dict(headers or {}))
+    try:
+        # A proxy must not answer for a local server: bypass the environment's proxy settings.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # refused, timed out, HTTP error status, malformed URL
+        return False
+
+
 def server_available(timeout: float = 0.3) -> str | None:
     """The Prefect API URL if a server answers its health check within ``timeout`` seconds, else None.
 
@@ -94,19 +106,13 @@ def server_available(timeout: float = 0.3) -> str | None:
     if not url:
         return None
     url = url.rstrip("/")
-    request = urllib.request.Request(f"{url}/health")
+    headers = {}
     # Prefect Cloud and auth-protected servers answer 401 without these.
     if key := _setting("PREFECT_API_KEY", profile):
-        request.add_header("Authorization", f"Bearer {key}")
+        headers["Authorization"] = f"Bearer {key}"
     elif auth := _setting("PREFECT_API_AUTH_STRING", profile):
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        # A proxy must not answer for a local server: bypass the environment's proxy settings.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(request, timeout=timeout) as response:
-            ok = response.status == 200
-    except (OSError, ValueError):  # refused, timed out, HTTP error status, malformed URL
-        ok = False
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    ok = api_healthy(url, timeout, headers)
     if not ok:
         print(f"Prefect API at {url} did not answer; running without Prefect.", file=sys.stderr, flush=True)
     return url if ok else None

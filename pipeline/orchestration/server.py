@@ -15,9 +15,10 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
+
+from pipeline.orchestration.flows import api_healthy
 
 # Settings every server this project starts gets.
 SERVER_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -29,12 +30,7 @@ def server_env(base: Mapping[str, str] | None = None, **extra: str) -> dict[str,
 
 
 def healthy(api_url: str, timeout: float = 1.0) -> bool:
-    try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a proxy must not answer for it
-        with opener.open(f"{api_url}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (OSError, ValueError):
-        return False
+    return api_healthy(api_url, timeout)
 
 
 def start_server(
