@@ -140,6 +140,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {**spec, "oom": True}
     times.sort()
     out = {**spec, "oom": False, "s_per_iter": times[len(times) // 2], "s_per_iter_all": times}
+    # The network passes of the step alone; what the step spends beyond their sum is overhead.
+    out["passes_s"] = time_passes(task, batch, device, amp, spec["warmup"], spec["iters"])
+    out["overhead_ratio"] = out["s_per_iter"] / sum(out["passes_s"].values())
     out["images_per_iter"] = {name: b["image"].shape[0] for name, b in batch.items()}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -148,6 +151,74 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         peak = rss_kb("VmHWM") * 1024
         out["peak_rss_mb"] = peak / 2**20
     out.update(baseline_mb=base / 2**20, peak_extra_mb=(peak - base) / 2**20)
+    return out
+
+
+def _median(fn, warmup: int, iters: int, device: torch.device) -> float:
+    times = []
+    for i in range(warmup + iters):
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def time_passes(task: Any, batch: dict, device: torch.device, amp: bool, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds of each network pass of the task's step on its own: the student forwards (one per
+    domain, as the step runs them), the EMA forward (no grad; ProDA only) and the backward through the
+    student forwards (from a plain sum of their outputs, so no loss is in it)."""
+    from pipeline.engine.loop import autocast
+
+    net = task.modules()["model"]
+    images = [b["image"] for b in batch.values()] if "labeled" in batch else [batch["source"]["image"]]
+    if "target" in batch:
+        t = batch["target"]
+        images.append(torch.cat([t["weak_image"], t["image"]]))
+
+    def forward(x: torch.Tensor):
+        with autocast(device, amp):
+            return net(x)
+
+    out: dict[str, float] = {}
+    for i, x in enumerate(images):
+        name = "student_forward" if len(images) == 1 else ("student_forward_source", "student_forward_target")[i]
+        out[name] = _median(lambda x=x: forward(x), warmup, iters, device)
+    if "target" in batch:
+        ema, full = task.ema.module, batch["target"]["full"]
+
+        def ema_forward() -> None:
+            with torch.no_grad(), autocast(device, amp):
+                ema(full.float() / 255.0)
+
+        out["ema_forward"] = _median(ema_forward, warmup, iters, device)
+    graphs: list[torch.Tensor] = []
+
+    def build() -> None:
+        total = torch.zeros((), device=device)
+        for x in images:
+            logits, feats = forward(x)
+            total = total + logits.float().mean() + feats.float().mean()
+        graphs.append(total)
+
+    def backward() -> None:
+        graphs.pop().backward()
+
+    times = []
+    for i in range(warmup + iters):
+        build()  # not timed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        net.zero_grad(set_to_none=True)
+    out["backward"] = sorted(times)[len(times) // 2]
     return out
 
 
@@ -195,15 +266,43 @@ def main() -> None:
 
     def cells(r: dict) -> list[str]:
         if r["oom"]:
-            return ["OOM", "", "", ""]
+            return ["OOM", "", "", "", "", ""]
         ratio = r.get("time_ratio_vs_supervised")
         peak = r.get("peak_allocated_mb", r.get("peak_rss_mb"))
-        return [f"{r['s_per_iter']:.3f}", f"{ratio:.2f}" if ratio else "", f"{peak:.0f}", f"{r['peak_extra_mb']:.0f}"]
+        passes = sum(r["passes_s"].values())
+        return [
+            f"{r['s_per_iter']:.3f}",
+            f"{passes:.3f}",
+            f"{r['overhead_ratio']:.2f}",
+            f"{ratio:.2f}" if ratio else "",
+            f"{peak:.0f}",
+            f"{r['peak_extra_mb']:.0f}",
+        ]
 
-    print(f"per training iteration, median of {args.iters}; peak MiB: CUDA max allocated, CPU process RSS")
+    print(
+        f"per training iteration, median of {args.iters}; passes = network forwards + backward alone, "
+        "overhead = s/iter / passes; peak MiB: CUDA max allocated, CPU process RSS"
+    )
+    for r in rows:
+        if not r["oom"]:
+            print(
+                f"  {r['device']} {r['config']} {r['task']} AMP {'on' if r['amp'] else 'off'}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in r["passes_s"].items())
+            )
     print(
         table(
-            ["device", "config", "task", "AMP", "s/iter", "x supervised", "peak MiB", "extra MiB"],
+            [
+                "device",
+                "config",
+                "task",
+                "AMP",
+                "s/iter",
+                "passes s",
+                "overhead",
+                "x supervised",
+                "peak MiB",
+                "extra MiB",
+            ],
             [[r["device"], r["config"], r["task"], "on" if r["amp"] else "off", *cells(r)] for r in rows],
         )
     )

@@ -85,6 +85,7 @@ def main() -> None:
                 flip=False,
                 store_soft=True,
                 soft_dtype=p.soft_dtype,
+                chunk_mb=p.chunk_mb,
             )
             t_write.append(time.perf_counter() - t0)
             sizes = {a: dir_bytes(store / a) / n for a in ("soft", "label", "conf") if (store / a).exists()}

@@ -195,6 +195,7 @@ class OracleParams(Strict):
 class PseudoLabelParams(Strict):
     batch_size: PosInt
     soft_dtype: Literal["float16", "uint8"]
+    chunk_mb: PosFloat  # soft labels per zarr chunk (several images per chunk; see pipeline/store/pseudo_store.py)
     # Confidence threshold used only to report pseudo-label quality (coverage, accuracy of kept pixels).
     quality_threshold: Prob
 
@@ -237,6 +238,7 @@ class TeacherParams(Strict):
     flip: bool
     store_soft: bool
     soft_dtype: Literal["float16", "uint8"]
+    chunk_mb: PosFloat  # as pseudo_label.chunk_mb
     conf_threshold: Prob  # used for the quality report; consumers apply their own
 
 

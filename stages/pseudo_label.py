@@ -31,6 +31,7 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
         flip=False,
         store_soft=True,
         soft_dtype=p.soft_dtype,
+        chunk_mb=p.chunk_mb,
     )
     q = ctx.step(
         "quality",

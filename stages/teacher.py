@@ -32,6 +32,7 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
         flip=p.flip,
         store_soft=p.store_soft,
         soft_dtype=p.soft_dtype,
+        chunk_mb=p.chunk_mb,
     )
     q = ctx.step(
         "quality", store_quality, ctx, data, args.out, p.conf_threshold, args.metrics, args.plots / "per_class.csv"

@@ -115,8 +115,24 @@ def test_adapt_cost(tmp_path: Path) -> None:
     data = result(out, {"devices", "rows", "goal_fits_24gib"})
     assert [r["task"] for r in data["rows"]][:2] == ["supervised", "proda"]
     for r in data["rows"]:
-        assert not r["oom"] and {"s_per_iter", "peak_extra_mb", "baseline_mb"} <= set(r)
+        assert not r["oom"] and {"s_per_iter", "peak_extra_mb", "baseline_mb", "overhead_ratio"} <= set(r)
+        assert all(v > 0 for v in r["passes_s"].values())
+        # The step contains its passes, so it cannot take much less than their sum (timer noise aside).
+        assert r["overhead_ratio"] > 0.5
     assert data["rows"][1]["time_ratio_vs_supervised"] > 0
+    passes = data["rows"][1]["passes_s"]
+    assert set(passes) == {"student_forward_source", "student_forward_target", "ema_forward", "backward"}
+
+
+def test_store_size(tmp_path: Path) -> None:
+    out = tmp_path / "store.json"
+    text = bench("bench_store_size", str(out), "--n", "8")
+    data = json.loads(out.read_text())
+    assert set(data["sizes"]) == {"default", "paper"} and "x smaller" in text
+    for size in data["sizes"].values():
+        u8 = size["formats"]["zarr uint8 soft+label+conf"]
+        assert u8["soft_argmax_agreement"] == 1.0 and u8["rectified_agreement"] >= 0.999
+        assert u8["ratio_vs_float32_npy"] > size["formats"]["zarr float16 soft+label+conf"]["ratio_vs_float32_npy"]
 
 
 def test_scaling(tmp_path: Path) -> None:

@@ -67,19 +67,76 @@ def test_no_soft(tmp_path):
     np.testing.assert_array_equal(rec["label"], probs[1].argmax(0))
 
 
-def test_uint8_soft_argmax_agreement(tmp_path):
+def test_uint8_soft_keeps_the_argmax(tmp_path):
     probs = make_probs(3, seed=1)
     write_store(tmp_path / "q", probs, soft_dtype="uint8")
     store = PseudoLabelStore(tmp_path / "q")
-    agree = []
     for i, image_id in enumerate(IDS):
         rec = store.get(image_id)
         np.testing.assert_array_equal(rec["label"], probs[i].argmax(0))  # label comes from full precision
-        assert np.abs(rec["soft"] - probs[i]).max() <= 0.5 / 255 + 1e-6
-        agree.append(rec["soft"].argmax(0) == rec["label"])
-    agreement = float(np.mean(agree))
-    # Random (unsmoothed) logits are a harsh case: ties within 1/255 are rare but possible.
-    assert agreement >= 0.98, agreement
+        # Random logits are a harsh case with many near-ties, yet the stored map's argmax is the label's.
+        np.testing.assert_array_equal(rec["soft"].argmax(0), rec["label"])
+        err = np.abs(rec["soft"] - probs[i])
+        # Rounding error, plus one step where a rival class was lowered below the argmax.
+        assert err.max() <= 1.5 / 255 + 1e-6
+        assert (err > 0.5 / 255 + 1e-6).mean() < 0.01
+
+
+def test_uint8_tie_is_broken_towards_the_label(tmp_path):
+    probs = np.full((3, K, H, W), 0.1, dtype=np.float32)
+    probs[:, 0] = 0.35  # class 0 wins by 0.0001: both round to 89
+    probs[:, 1] = 0.3499
+    probs[:, 2:] = (1 - 0.35 - 0.3499) / (K - 2)
+    write_store(tmp_path / "t", probs, soft_dtype="uint8")
+    soft = PseudoLabelStore(tmp_path / "t").get(IDS[0])["soft"]
+    assert np.all(soft[0] == 89 / 255) and np.all(soft[1] == 88 / 255)
+
+
+def smooth_probs(n: int, k: int = 19, h: int = 32, w: int = 64, seed: int = 0) -> torch.Tensor:
+    """Segmentation-like softmax maps: blobs of classes with soft boundaries (smooth logits plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, k, h // 8, w // 8, generator=g) * 12.0
+    logits = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
+    return (logits + 0.3 * torch.randn(logits.shape, generator=g)).softmax(1)
+
+
+def test_uint8_store_leaves_rectification_unchanged(tmp_path):
+    from pipeline.maths.prototypes import proto_logits, rectify
+
+    n, k, h, w = 6, 19, 32, 64
+    probs = smooth_probs(n, k, h, w)
+    ids = [f"c/c_{i:06d}_000019" for i in range(n)]
+    names = [f"c{j}" for j in range(k)]
+    with PseudoLabelWriter(tmp_path / "r", ids, names, h, w, "0" * 64, soft_dtype="uint8", chunk_mb=0.02) as wr:
+        wr.write_batch(0, probs)
+    store = PseudoLabelStore(tmp_path / "r")
+    stored = torch.stack([torch.from_numpy(store.get(i)["soft"]) for i in ids])
+    g = torch.Generator().manual_seed(1)
+    feat, protos = torch.randn(n, 8, h, w, generator=g), torch.randn(k, 8, generator=g)
+    omega = proto_logits(feat, protos).softmax(1)
+    full, _ = rectify(probs, omega)
+    quant, _ = rectify(stored, omega)
+    assert (stored.argmax(1) == probs.argmax(1)).all()
+    assert (full == quant).float().mean() >= 0.999
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_several_images_per_chunk_every_item_survives(tmp_path, background):
+    # 2 images per chunk; batches that straddle chunks arrive out of order (a chunk is written once, complete).
+    n, ids = 7, [f"c/c_{i:06d}_000019" for i in range(7)]
+    probs = make_probs(n, seed=3)
+    path = tmp_path / "c.zarr"
+    per_image = K * H * W * 2  # float16 soft
+    with writer(path, ids=ids, chunk_mb=2.5 * per_image / 2**20, background=background, queue_size=1) as w:
+        assert w.images_per_chunk == 2
+        for start, stop in [(5, 7), (1, 4), (0, 1), (4, 5)]:
+            w.write_batch(start, probs[start:stop])
+    store = PseudoLabelStore(path)
+    assert zarr.open_group(path, mode="r")["soft"].chunks == (2, K, H, W)
+    for i in (6, 0, 3, 1, 5, 2, 4):
+        rec = store.get(ids[i])
+        np.testing.assert_array_equal(rec["label"], probs[i].argmax(0))
+        np.testing.assert_allclose(rec["soft"], probs[i], atol=1e-3)
 
 
 def test_exception_mid_write_leaves_nothing(tmp_path):

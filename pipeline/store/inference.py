@@ -46,6 +46,7 @@ def write_pseudo_labels(
     flip: bool,
     store_soft: bool,
     soft_dtype: str,
+    chunk_mb: float,
 ) -> dict:
     """Pseudo labels for every target-train image, no augmentation, written atomically to a zarr store."""
     model.eval()
@@ -64,6 +65,7 @@ def write_pseudo_labels(
         sha256_file(model_path),
         store_soft,
         soft_dtype,
+        chunk_mb,
         extra={"flip": flip, "source_model": str(model_path)},
     ) as writer:
         start = 0

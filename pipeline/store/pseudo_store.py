@@ -1,10 +1,18 @@
 """Pseudo-label sets as one zarr group each: written atomically, read lazily by image id.
 
-Layout of a store (zarr v3 group), one chunk per image in every array:
+Layout of a store (zarr v3 group); every array is chunked along the image axis only, ``images_per_chunk``
+images per chunk (about ``chunk_mb`` of soft labels, at least one image):
 
 - ``label`` [N, h, w] uint8: argmax class of the probabilities; 255 is reserved for "ignore".
 - ``conf``  [N, h, w] float16: max probability (the argmax's probability).
 - ``soft``  [N, K, h, w] float16 (or uint8 holding ``round(p * 255)``), only when soft labels are stored.
+
+Several images per chunk: at stride-8 maps of small images a chunk per image made the store mostly zarr
+overhead and the writer slower than inference (4.7 KB/image and 0.64x inference at 19x16x32 maps). The writer
+therefore keeps incomplete chunks in memory and hands a chunk to zarr only once all its images are there, so
+each chunk is written exactly once, by one thread (TOOLING.md: concurrent partial writes into one shard/chunk
+silently lose items). Readers keep the last decoded chunk per array, so reading the images of one chunk in
+turn decodes it once.
 
 ``h, w`` is whatever resolution the caller writes (normally the network's stride-8 output). Attributes record
 the image ids, class names, resolution, the SHA-256 of the checkpoint that produced the labels and a free
@@ -13,9 +21,11 @@ the image ids, class names, resolution, the SHA-256 of the checkpoint that produ
 Atomicity: the writer builds ``<path>.tmp`` and renames it to ``<path>`` only after every image was written,
 so a crashed or killed producer never leaves a partial store at ``<path>``.
 
-Quantised soft labels (``soft_dtype="uint8"``) are lossy: ``label`` is always computed from the full-precision
-probabilities, but the argmax of the stored ``soft`` can differ from ``label`` where two classes are within
-1/255 of each other (``bench/bench_store_size.py`` measures the agreement: above 99.9% on realistic maps).
+Quantised soft labels (``soft_dtype="uint8"``) are lossy (|error| <= 1/255 per class, except where ties are
+broken, see below); ``label`` is always computed from the full-precision probabilities, and the stored ``soft``
+keeps that argmax strictly: a class whose quantised value reaches the argmax's is lowered to one step below it,
+so ``soft.argmax() == label`` on every pixel (without this, rounding makes near-ties equal and the argmax of
+the stored map could differ from ``label``).
 """
 
 from __future__ import annotations
@@ -84,6 +94,7 @@ class PseudoLabelWriter:
         checkpoint_sha256: str,
         store_soft: bool = True,
         soft_dtype: str = "float16",
+        chunk_mb: float = 1.0,
         *,
         extra: dict[str, Any] | None = None,
         background: bool = True,
@@ -102,6 +113,11 @@ class PseudoLabelWriter:
         self.extra: dict[str, Any] = dict(extra or {})
         self.background = background
         self.queue_size = queue_size
+        if not chunk_mb > 0:
+            raise ValueError(f"chunk_mb must be > 0, got {chunk_mb}")
+        itemsize = np.dtype(soft_dtype if store_soft else "float16").itemsize
+        per_image = max(1, self.num_classes * self.height * self.width * itemsize)
+        self.images_per_chunk = int(max(1, min(len(self.ids), chunk_mb * 2**20 // per_image)))
         if soft_dtype not in SOFT_DTYPES:
             raise ValueError(f"soft_dtype must be one of {SOFT_DTYPES}, got {soft_dtype!r}")
         if not 0 < self.num_classes < IGNORE_INDEX:
@@ -116,6 +132,8 @@ class PseudoLabelWriter:
         self._error: BaseException | None = None
         self._abort = False
         self._open = False
+        # Incomplete chunks: chunk index -> (arrays of the chunk's images, filled flags).
+        self._pending: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
 
     def _attrs(self) -> dict[str, Any]:
         return {
@@ -129,6 +147,7 @@ class PseudoLabelWriter:
             "checkpoint_sha256": self.checkpoint_sha256,
             "has_soft": self.store_soft,
             "soft_dtype": self.soft_dtype if self.store_soft else None,
+            "images_per_chunk": self.images_per_chunk,
             "ignore_label": IGNORE_INDEX,
             "extra": self.extra,
         }
@@ -146,7 +165,7 @@ class PseudoLabelWriter:
                 "label",
                 shape=(n, h, w),
                 dtype="uint8",
-                chunks=(1, h, w),
+                chunks=(self.images_per_chunk, h, w),
                 compressors=_LABEL_CODEC,
                 fill_value=IGNORE_INDEX,
             )
@@ -154,7 +173,7 @@ class PseudoLabelWriter:
                 "conf",
                 shape=(n, h, w),
                 dtype="float16",
-                chunks=(1, h, w),
+                chunks=(self.images_per_chunk, h, w),
                 compressors=_FLOAT_CODEC,
                 fill_value=0.0,
             )
@@ -163,7 +182,7 @@ class PseudoLabelWriter:
                     "soft",
                     shape=(n, k, h, w),
                     dtype=self.soft_dtype,
-                    chunks=(1, k, h, w),
+                    chunks=(self.images_per_chunk, k, h, w),
                     compressors=_FLOAT_CODEC,
                     fill_value=0,
                 )
@@ -224,11 +243,36 @@ class PseudoLabelWriter:
             raise TypeError(f"probabilities must be floating point, got {t.dtype}")
         if start_index < 0 or start_index + b > len(self.ids):
             raise IndexError(f"indices {start_index}..{start_index + b - 1} outside 0..{len(self.ids) - 1}")
-        item = (start_index, *self._encode(t, start_index))
-        if self._queue is None:
-            self._store(item)
-        else:
-            self._queue.put(item)
+        label, conf, soft = self._encode(t, start_index)
+        for item in self._collect(start_index, {"label": label, "conf": conf, "soft": soft}):
+            if self._queue is None:
+                self._store(item)
+            else:
+                self._queue.put(item)
+
+    def _collect(self, start: int, arrays: dict[str, np.ndarray | None]) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Copies a batch into its chunks' buffers; returns the chunks it completed as (first index, arrays)."""
+        c, n = self.images_per_chunk, len(self.ids)
+        done = []
+        b = arrays["label"].shape[0]
+        i = start
+        while i < start + b:
+            chunk = i // c
+            lo, hi = chunk * c, min(chunk * c + c, n)
+            j = min(hi, start + b)
+            if chunk not in self._pending:
+                bufs = {k: np.empty((hi - lo, *a.shape[1:]), a.dtype) for k, a in arrays.items() if a is not None}
+                self._pending[chunk] = (bufs, np.zeros(hi - lo, dtype=bool))
+            bufs, filled = self._pending[chunk]
+            for k, buf in bufs.items():
+                buf[i - lo : j - lo] = arrays[k][i - start : j - start]
+            filled[i - lo : j - lo] = True
+            self._written[i:j] = True  # received; a chunk left incomplete means images are missing
+            if filled.all():
+                del self._pending[chunk]
+                done.append((lo, bufs))
+            i = j
+        return done
 
     def _encode(self, t: torch.Tensor, start_index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with torch.no_grad():
@@ -243,20 +287,24 @@ class PseudoLabelWriter:
             soft = None
             if self.store_soft:
                 if self.soft_dtype == "uint8":
-                    soft = (t.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+                    q = (t.float() * 255.0).round_().clamp_(0, 255)
+                    # Keep the argmax: any other class that rounds up to (or past) the top one goes one step
+                    # below it. The top value is >= 255/K > 1, so the step stays >= 0.
+                    top = q.gather(1, label.unsqueeze(1))
+                    clash = (q >= top) & (
+                        torch.arange(q.shape[1], device=q.device).view(1, -1, 1, 1) != label.unsqueeze(1)
+                    )
+                    soft = torch.where(clash, top - 1, q).to(torch.uint8)
                 else:
                     soft = t.to(torch.float16)
                 soft = soft.cpu().numpy()
             return label.to(torch.uint8).cpu().numpy(), conf.to(torch.float16).cpu().numpy(), soft
 
-    def _store(self, item: tuple) -> None:
-        start, label, conf, soft = item
-        sl = slice(start, start + label.shape[0])
-        self._arrays["label"][sl] = label
-        self._arrays["conf"][sl] = conf
-        if soft is not None:
-            self._arrays["soft"][sl] = soft
-        self._written[sl] = True
+    def _store(self, item: tuple[int, dict[str, np.ndarray]]) -> None:
+        start, arrays = item  # whole chunks only (see the module docstring)
+        sl = slice(start, start + arrays["label"].shape[0])
+        for name, values in arrays.items():
+            self._arrays[name][sl] = values
 
     def _worker(self) -> None:
         assert self._queue is not None
@@ -302,6 +350,7 @@ class PseudoLabelStore:
         self._index: dict[str, int] = {}
         self._pid: int | None = None
         self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, np.ndarray]] = {}  # array -> (chunk index, its decoded images)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path}
@@ -411,13 +460,25 @@ class PseudoLabelStore:
         """``label`` uint8 [h, w], ``conf`` float32 [h, w] and, when stored, ``soft`` float32 [K, h, w]."""
         i = self.index_of(image_id)
         out = {
-            "label": np.asarray(self._arrays["label"][i], dtype=np.uint8),
-            "conf": np.asarray(self._arrays["conf"][i], dtype=np.float32),
+            "label": self._read("label", i).astype(np.uint8, copy=True),
+            "conf": self._read("conf", i).astype(np.float32),
         }
         if "soft" in self._arrays:
-            soft = np.asarray(self._arrays["soft"][i])
+            soft = self._read("soft", i)
             out["soft"] = soft.astype(np.float32) / 255.0 if soft.dtype == np.uint8 else soft.astype(np.float32)
         return out
+
+    def _read(self, name: str, i: int) -> np.ndarray:
+        """Image ``i`` of array ``name``, decoding its chunk only when it is not the one decoded last."""
+        arr = self._arrays[name]
+        c = arr.chunks[0]
+        chunk = i // c
+        with self._lock:
+            hit = self._cache.get(name)
+            if hit is None or hit[0] != chunk:
+                hit = (chunk, np.asarray(arr[chunk * c : min(chunk * c + c, arr.shape[0])]))
+                self._cache[name] = hit
+        return hit[1][i - chunk * c]
 
     def check_matches(self, ids: Sequence[str], class_names: Sequence[str]) -> None:
         """Raise ValueError saying what differs if this store was not made for this dataset's ids/classes.
