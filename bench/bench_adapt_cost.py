@@ -12,7 +12,11 @@ Each (config, task, AMP) runs in a fresh subprocess so peaks do not mix:
 * CPU: resident memory from /proc/self/status, with glibc told to return large blocks to the system at once
   (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors. `peak_extra_mb` = peak RSS during the steps (VmHWM,
   reset before the first step) - RSS after building model, task and batch; `peak_rss_mb` is the whole process.
-  AMP (bf16 autocast) is a GPU-only setting in this pipeline, so CPU rows are AMP off.
+AMP = bf16 autocast (`optim.amp`), on CUDA and on CPU (oneDNN bf16 kernels: AVX512-BF16/AMX); both are run.
+
+`passes_s` times each network pass of the step on its own (student forward per domain, EMA forward, backward
+through the student forwards from a plain sum of their outputs); `overhead_ratio` = step time / their sum, i.e.
+what views, warps, prototype distances, losses, optimizer, EMA and prototype updates and Python add.
 
 Configs: `default` = params.yaml (model, adapt crop and batch, embedded image size); `paper` = params/
 gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896, batch 4, target images
@@ -253,7 +257,7 @@ def main() -> None:
     for device in devices:
         configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if device == "cuda" else ["default"])
         for config in configs:
-            for amp in [True, False] if device == "cuda" else [False]:
+            for amp in [True, False] if not args.tiny else [False]:
                 pair = {}
                 for task in ("supervised", "proda"):
                     spec = dict(config=config, task=task, amp=amp, device=device, iters=args.iters, warmup=args.warmup)

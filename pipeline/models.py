@@ -439,16 +439,21 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         src = unwrap(model)
         params = dict(src.named_parameters())
-        m = self.momentum
-        for name, ema_p in self.module.named_parameters():
+        ema, cur = [], []
+        for name, e in self.module.named_parameters():
             p = params[name].detach()
-            if ema_p.dtype.is_floating_point:
-                ema_p.mul_(m).add_(p.to(ema_p.dtype), alpha=1.0 - m)
+            if e.dtype.is_floating_point:
+                ema.append(e)
+                cur.append(p.to(e.dtype))
             else:
-                ema_p.copy_(p)
+                e.copy_(p)
+        # One multi-tensor op instead of two small ops per tensor: ema + (1 − m)(p − ema) = m·ema + (1 − m)·p.
+        if ema:
+            torch._foreach_lerp_(ema, cur, 1.0 - self.momentum)
         buffers = dict(src.named_buffers())
-        for name, ema_b in self.module.named_buffers():
-            ema_b.copy_(buffers[name])
+        ema_buffers = list(self.module.named_buffers())
+        if ema_buffers:
+            torch._foreach_copy_([b for _, b in ema_buffers], [buffers[name] for name, _ in ema_buffers])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA network's own state dict, loadable into a plain SegModel."""

@@ -124,6 +124,20 @@ def test_adapt_cost(tmp_path: Path) -> None:
     assert set(passes) == {"student_forward_source", "student_forward_target", "ema_forward", "backward"}
 
 
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    text = bench("gpu_check", "--dry-run", "--out", str(out))
+    data = result(out, {"stage1", "ddp", "writer", "dry_run"})
+    assert data["dry_run"] and [(r["config"], r["task"]) for r in data["stage1"]] == [
+        ("tiny", "supervised"),
+        ("tiny", "proda"),
+    ]
+    assert all(r["overhead_ratio"] > 0 and r["images_per_s"] > 0 for r in data["stage1"])
+    # gloo on CPU: the two ranks end with the same weights and prototypes.
+    assert data["ddp"]["weights_equal"] and data["ddp"]["prototypes_equal"], data["ddp"]
+    assert data["writer"]["writer_over_inference"] > 0 and "writer:" in text
+
+
 def test_store_size(tmp_path: Path) -> None:
     out = tmp_path / "store.json"
     text = bench("bench_store_size", str(out), "--n", "8")
