@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import yaml
 from common import REPO, bench_params, parser, table, write_result
+from torch.profiler import ProfilerActivity, profile, record_function
 
 GIB = 1024**3
 BUDGET_GIB = 24  # the goal: a 24 GB card (RTX 3090/4090 class)
@@ -118,10 +119,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     def step() -> None:
         with autocast(device, amp):
             loss, _ = task.loss(batch, 0)
-        loss.backward()
-        for o in task.optimizers().values():
-            o.step()
-            o.zero_grad(set_to_none=True)
+        with record_function("step/backward"):
+            loss.backward()
+        with record_function("step/optimizer"):
+            for o in task.optimizers().values():
+                o.step()
+                o.zero_grad(set_to_none=True)
         task.after_step(0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -144,6 +147,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return {**spec, "oom": True}
     times.sort()
     out = {**spec, "oom": False, "s_per_iter": times[len(times) // 2], "s_per_iter_all": times}
+    out["parts_ms"] = profile_parts(step, device, max(3, spec["iters"] // 2))
     # The network passes of the step alone; what the step spends beyond their sum is overhead.
     out["passes_s"] = time_passes(task, batch, device, amp, spec["warmup"], spec["iters"])
     out["overhead_ratio"] = out["s_per_iter"] / sum(out["passes_s"].values())
@@ -156,6 +160,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["peak_rss_mb"] = peak / 2**20
     out.update(baseline_mb=base / 2**20, peak_extra_mb=(peak - base) / 2**20)
     return out
+
+
+def profile_parts(step, device: torch.device, steps: int) -> dict[str, float]:
+    """Milliseconds per step in each named part (the task's and the step's record_function scopes; CPU time,
+    or device time on CUDA), from torch.profiler over `steps` steps. Parts nest: stage1/source_forward_ce holds
+    the source forward. The profiler slows ops a little: read shares, the timed s_per_iter is the figure."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    parts = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith(("stage1/", "step/")):
+            t = ev.device_time_total if device.type == "cuda" else ev.cpu_time_total
+            parts[ev.key] = t / 1000.0 / steps
+    return dict(sorted(parts.items()))
 
 
 def _median(fn, warmup: int, iters: int, device: torch.device) -> float:
@@ -293,6 +313,7 @@ def main() -> None:
                 f"  {r['device']} {r['config']} {r['task']} AMP {'on' if r['amp'] else 'off'}: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["passes_s"].items())
             )
+            print("    parts (ms/step, profiled): " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
     print(
         table(
             [

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from pipeline.config import AdaptParams
 from pipeline.data.labels import IGNORE_INDEX as IGNORE
@@ -74,20 +75,24 @@ class ProDATask:
         return names
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        # record_function scopes name the parts of the step for bench_adapt_cost's profile (free otherwise).
         p, src, tgt = self.p, batch["source"], batch["target"]
-        total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
+        with record_function("stage1/source_forward_ce"):
+            total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
         n = tgt["weak_image"].shape[0]
         out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
-        logits, feats = self.net(torch.cat([tgt["weak_image"], tgt["image"]]))
-        w_logits, s_feat = upsample(logits[:n], out_size), upsample(feats[n:], out_size)
-        w_valid = downsample_valid(tgt["weak_valid"], out_size)
-        s_valid = downsample_valid(tgt["valid"], out_size)
-
-        with torch.no_grad():
+        with record_function("stage1/target_forward"):
+            logits, feats = self.net(torch.cat([tgt["weak_image"], tgt["image"]]))
+        with record_function("stage1/upsample_masks"):
+            w_logits, s_feat = upsample(logits[:n], out_size), upsample(feats[n:], out_size)
+            w_valid = downsample_valid(tgt["weak_valid"], out_size)
+            s_valid = downsample_valid(tgt["valid"], out_size)
+        with torch.no_grad(), record_function("stage1/ema_forward"):
             ema = self.ema.module
             with autocast(self.ctx.info.device, p.optim.amp):
                 e_logits, f_full = ema(tgt["full"].float() / 255.0)
             e_logits, f_full = e_logits.float(), f_full.float()
+        with torch.no_grad(), record_function("stage1/rectify_warps_prototypes"):
             protos, ok = self.bank.protos, self.bank.initialized
             # Fixed soft pseudo labels and EMA features, brought into the weak view's geometry.
             p0 = warp_to_view(tgt["soft"].float(), tgt["weak_coords"], out_size)
@@ -101,27 +106,30 @@ class ProDATask:
             # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
             self._proto_batch = (f_full, e_logits.argmax(1))
 
-        if p.sce.enabled:
-            t_loss = symmetric_ce(w_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
-        else:
-            t_loss = cross_entropy(w_logits, target, IGNORE)
-        total = total + p.sce.weight * t_loss
-        logs["tgt_sce"] = t_loss.item()
-        if p.structure_kl.enabled:
-            kl = structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid)
-            total = total + p.structure_kl.weight * kl
-            logs["kl"] = kl.item()
-        if p.regulariser.enabled:
-            reg = entropy_regulariser(w_logits, w_valid)
-            total = total + p.regulariser.weight * reg
-            logs["reg"] = reg.item()
+        with record_function("stage1/target_losses"):
+            if p.sce.enabled:
+                t_loss = symmetric_ce(w_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
+            else:
+                t_loss = cross_entropy(w_logits, target, IGNORE)
+            total = total + p.sce.weight * t_loss
+            logs["tgt_sce"] = t_loss.item()
+            if p.structure_kl.enabled:
+                kl = structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid)
+                total = total + p.structure_kl.weight * kl
+                logs["kl"] = kl.item()
+            if p.regulariser.enabled:
+                reg = entropy_regulariser(w_logits, w_valid)
+                total = total + p.regulariser.weight * reg
+                logs["reg"] = reg.item()
         return total, logs
 
     def after_step(self, it: int) -> None:
-        self.ema.update(self.net)
+        with record_function("stage1/ema_update"):
+            self.ema.update(self.net)
         if self._proto_batch is not None:
-            feat, lab = self._proto_batch
-            self.bank.ema_update(feat, lab, self.p.proto_momentum, self.p.min_pixels, IGNORE)
+            with record_function("stage1/prototype_update"):
+                feat, lab = self._proto_batch
+                self.bank.ema_update(feat, lab, self.p.proto_momentum, self.p.min_pixels, IGNORE)
             self._proto_batch = None
 
 
