@@ -102,10 +102,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     params = load_config(spec["config"], spec["amp"])
     device = torch.device(spec["device"])
     k = params.data.num_classes
-    model = new_model(params.model, k).to(device).train()
+    ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k))
+    ctx.channels_last = spec.get("channels_last", params.base.channels_last)
+    model = ctx.place(new_model(params.model, k)).train()
     src, tgt = make_batch(params, device, torch.Generator().manual_seed(0))
     if spec["task"] == "proda":
-        ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k))
         bank = PrototypeBank(k, params.model.feat_dim)
         bank.protos.copy_(torch.randn(k, params.model.feat_dim))
         bank.initialized.fill_(True)
@@ -277,16 +278,30 @@ def main() -> None:
     for device in devices:
         configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if device == "cuda" else ["default"])
         for config in configs:
-            for amp in [True, False] if not args.tiny else [False]:
+            cl = bench_params(config == "tiny")["base"]["channels_last"]
+            # bf16 autocast on and off with the params' memory format, and bf16 with the other one.
+            combos = [(False, cl)] if args.tiny else [(True, cl), (True, not cl), (False, cl)]
+            for amp, channels_last in combos:
                 pair = {}
                 for task in ("supervised", "proda"):
-                    spec = dict(config=config, task=task, amp=amp, device=device, iters=args.iters, warmup=args.warmup)
+                    spec = dict(
+                        config=config,
+                        task=task,
+                        amp=amp,
+                        channels_last=channels_last,
+                        device=device,
+                        iters=args.iters,
+                        warmup=args.warmup,
+                    )
                     print(f"running {spec}", flush=True)
                     pair[task] = run_worker(spec)
                 ok = not (pair["proda"]["oom"] or pair["supervised"]["oom"])
                 ratio = pair["proda"]["s_per_iter"] / pair["supervised"]["s_per_iter"] if ok else None
                 pair["proda"]["time_ratio_vs_supervised"] = ratio
                 rows += [pair["supervised"], pair["proda"]]
+
+    def onoff(flag: bool) -> str:
+        return "on" if flag else "off"
 
     def cells(r: dict) -> list[str]:
         if r["oom"]:
@@ -310,7 +325,7 @@ def main() -> None:
     for r in rows:
         if not r["oom"]:
             print(
-                f"  {r['device']} {r['config']} {r['task']} AMP {'on' if r['amp'] else 'off'}: "
+                f"  {r['device']} {r['config']} {r['task']} AMP {onoff(r['amp'])} NHWC {onoff(r['channels_last'])}: "
                 + ", ".join(f"{k} {v:.3f}" for k, v in r["passes_s"].items())
             )
             print("    parts (ms/step, profiled): " + ", ".join(f"{k} {v:.1f}" for k, v in r["parts_ms"].items()))
@@ -321,6 +336,7 @@ def main() -> None:
                 "config",
                 "task",
                 "AMP",
+                "NHWC",
                 "s/iter",
                 "passes s",
                 "overhead",
@@ -328,14 +344,19 @@ def main() -> None:
                 "peak MiB",
                 "extra MiB",
             ],
-            [[r["device"], r["config"], r["task"], "on" if r["amp"] else "off", *cells(r)] for r in rows],
+            [
+                [r["device"], r["config"], r["task"], onoff(r["amp"]), onoff(r["channels_last"]), *cells(r)]
+                for r in rows
+            ],
         )
     )
     goal = None
     paper = [r for r in rows if r["config"] == "paper" and r["task"] == "proda" and r["device"] == "cuda"]
     if paper:
         goal = {
-            ("amp" if r["amp"] else "fp32"): (not r["oom"] and r["peak_allocated_mb"] < BUDGET_GIB * 1024)
+            ("bf16" if r["amp"] else "fp32") + ("/nhwc" if r["channels_last"] else ""): (
+                not r["oom"] and r["peak_allocated_mb"] < BUDGET_GIB * 1024
+            )
             for r in paper
         }
         print(f"paper stage-1 batch within {BUDGET_GIB} GiB (max_memory_allocated): {goal}")

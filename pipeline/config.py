@@ -280,6 +280,7 @@ class BaseParams(Strict):
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     threads: NonNegInt  # torch CPU threads; 0 = torch's default
+    channels_last: bool  # NHWC memory format for the networks (bench/bench_adapt_cost.py measures both)
 
 
 class Params(Strict):

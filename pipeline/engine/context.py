@@ -35,6 +35,12 @@ class Context:
     class_names: list[str]
     # The stage's Prefect-or-plain run (pipeline.orchestration.flows.StageRun): `ctx.run.step(name, fn, ...)`.
     run: Any = None
+    channels_last: bool = False  # base.channels_last: NHWC weights/activations (faster oneDNN/cuDNN convs)
+
+    def place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this rank's device, in the memory format the params ask for."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return model.to(self.info.device, memory_format=fmt)
 
     def step(self, name: str, fn, /, *args, **kwargs):
         return fn(*args, **kwargs) if self.run is None else self.run.step(name, fn, *args, **kwargs)
@@ -90,7 +96,9 @@ def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context,
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Fresh heads give tiny gradients; denormal arithmetic made early CPU steps 3-5x slower.
         torch.set_flush_denormal(True)
-    return Context(stage, params.base.seed, info, class_names(params.data.num_classes)), params
+    ctx = Context(stage, params.base.seed, info, class_names(params.data.num_classes))
+    ctx.channels_last = params.base.channels_last
+    return ctx, params
 
 
 def new_model(mp: ModelParams, num_classes: int) -> SegModel:
@@ -133,7 +141,7 @@ def read_model(path: str | Path, ctx: Context) -> tuple[SegModel, dict]:
         model.load_state_dict(data["model"])
     except RuntimeError as err:
         raise ckpt.CheckpointError(f"{path} does not fit its declared architecture: {err}") from None
-    return model.to(ctx.info.device), data["meta"]
+    return ctx.place(model), data["meta"]
 
 
 def load_model(path: str | Path, ctx: Context) -> SegModel:

@@ -95,7 +95,7 @@ def student(ctx: Context, p: DistillParams, teacher_path: Path) -> tuple[nn.Modu
     model = new_model(mp, ctx.num_classes)
     if p.student_init == "pretrained":
         load_backbone_weights(model, p.student_weights)
-    return model.to(ctx.info.device), mp
+    return ctx.place(model), mp
 
 
 def train_distill(

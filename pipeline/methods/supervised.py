@@ -102,7 +102,7 @@ def train_supervised(
     With ``sec.adversarial.enabled`` (the warm-up's section has one), LS-GAN alignment to target train.
     """
     adv = getattr(sec, "adversarial", None)
-    model = new_model(mp, ctx.num_classes).to(ctx.info.device)
+    model = ctx.place(new_model(mp, ctx.num_classes))
     task = SupervisedTask(model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx))
     tf = WeakTransform(sec.view)
     streams = {"labeled": stream(ctx, data, labeled, True, tf, sec.optim.batch_size, salt=0)}
