@@ -215,8 +215,8 @@ def test_metrics_json(run):
     w, o = s["warmup"]["miou"], s["oracle"]["miou"]
     assert set(metrics["gap_closed"]) == {"adapt", "distill_1", "distill_2"}
     for name, gap in metrics["gap_closed"].items():
-        assert gap == pytest.approx((s[name]["miou"] - w) / (o - w), abs=1e-4)
-    assert metrics["gap_closed"]["adapt"] == pytest.approx((511 - 64) / (960 - 64), abs=1e-3)
+        assert gap == pytest.approx(100 * (s[name]["miou"] - w) / (o - w), abs=1e-2)  # percent, as mIoU
+    assert metrics["gap_closed"]["adapt"] == pytest.approx(100 * (511 - 64) / (960 - 64), abs=0.1)
 
 
 def test_pseudo_label_quality(run):
@@ -313,7 +313,7 @@ def test_gap_closed_undefined_and_nan():
     gaps, notes = report.gap_closed(
         {"warmup": 30.0, "oracle": 50.0, "adapt": 45.0, "distill_1": float("nan")}, ["adapt", "distill_1"]
     )
-    assert gaps == {"adapt": 0.75, "distill_1": None} and notes == []
+    assert gaps == {"adapt": 75.0, "distill_1": None} and notes == []
 
 
 def test_final_stage_without_rounds():
@@ -329,7 +329,7 @@ def test_summary_prints_table(run, capsys):
     oracle = next(l for l in out.splitlines() if l.startswith("oracle"))
     assert f"{constant_miou(ROAD):.2f}" in oracle
     adapt = next(l for l in out.splitlines() if l.startswith("adapt"))
-    assert f"{100 * run[2]['gap_closed']['adapt']:.1f}%" in adapt
+    assert f"{run[2]['gap_closed']['adapt']:.1f}%" in adapt
     assert "teacher_1" in out and "final model: distill_2" in out
 
 
@@ -349,9 +349,9 @@ def test_gap_is_measured_from_the_source_only_row_when_present():
     # stage 1 (35-20)/40 = 37.5%; without a source-only row the warm-up is the baseline.
     mious = {"source_only": 20.0, "warmup": 30.0, "adapt": 35.0, "oracle": 60.0}
     gaps, notes = report.gap_closed(mious, ["warmup", "adapt"])
-    assert gaps == {"warmup": 0.25, "adapt": 0.375} and not notes
+    assert gaps == {"warmup": 25.0, "adapt": 37.5} and not notes
     gaps, _ = report.gap_closed({"warmup": 30.0, "adapt": 35.0, "oracle": 60.0}, ["adapt"])
-    assert gaps == {"adapt": pytest.approx(1 / 6, abs=1e-4)}
+    assert gaps == {"adapt": pytest.approx(100 / 6, abs=1e-2)}
 
 
 def test_source_only_row_only_with_target_bn():

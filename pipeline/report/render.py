@@ -217,12 +217,12 @@ def markdown(report: Report) -> str:
         "",
         "## mIoU by stage",
         "",
-        "| stage | mIoU (%) | pixel acc. (%) | gap closed | best-on-val mIoU (%) — optimistic |",
+        "| stage | mIoU (%) | pixel acc. (%) | gap closed (%) | best-on-val mIoU (%) — optimistic |",
         "|---|---:|---:|---:|---:|",
     ]
     for n, r in report.stages.items():
         gap = report.gap_closed.get(n)
-        gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{100 * gap:.1f}%")
+        gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{gap:.1f}")
         best = _fmt(r.best_miou) + (" (= last)" if r.best_is_last else "")
         lines.append(f"| {_label(n)} | {_fmt(r.summary['miou'])} | {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |")
     lines += [
@@ -233,7 +233,7 @@ def markdown(report: Report) -> str:
             if SOURCE_ONLY in report.stages
             else "- The warm-up model is the **source-only** baseline here (it never saw target labels)."
         ),
-        "- Gap closed = (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
+        "- Gap closed (%) = 100 · (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
         "source-only → oracle gap that adaptation recovers.",
         "- *Best-on-val* is `best.pt`, the checkpoint with the highest mIoU on this same target val set during "
         "training: it was selected on the test data, so it is **optimistic** and not a fair result. The fair "
