@@ -250,11 +250,21 @@ def test_csvs(run):
     rows = _rows(root / "plots/evaluate/miou_by_stage.csv")
     assert [r["stage"] for r in rows] == list(PREDICTS) and list(rows[0]) == ["stage", "miou"]
     assert float(rows[-1]["miou"]) == pytest.approx(constant_miou(ROAD), abs=1e-4)
-    per_class = _rows(root / "plots/evaluate/per_class.csv")
-    assert list(per_class[0]) == ["class", *PREDICTS] and [r["class"] for r in per_class] == NAMES
-    road = per_class[ROAD]
-    assert float(road["oracle"]) == pytest.approx(100 * 960 / VALID, abs=1e-4) and float(road["warmup"]) == 0.0
-    assert per_class[NAMES.index("train")]["oracle"] == ""  # absent and never predicted: undefined
+    # One (class, iou) file per model, for one bar chart each.
+    assert sorted(p.name for p in (root / "plots/evaluate/per_class").iterdir()) == sorted(f"{n}.csv" for n in PREDICTS)
+    per_class = {n: _rows(root / f"plots/evaluate/per_class/{n}.csv") for n in PREDICTS}
+    assert all(list(rows[0]) == ["class", "iou"] and [r["class"] for r in rows] == NAMES for rows in per_class.values())
+    assert float(per_class["oracle"][ROAD]["iou"]) == pytest.approx(100 * 960 / VALID, abs=1e-4)
+    assert float(per_class["warmup"][ROAD]["iou"]) == 0.0
+    assert per_class["oracle"][NAMES.index("train")]["iou"] == ""  # absent and never predicted: undefined
+    # Pseudo-label quality per round, as in evaluate.json (round 0: the warm-up's soft labels).
+    quality = _rows(root / "plots/evaluate/pseudo_labels.csv")
+    assert [(r["round"], r["labels"]) for r in quality] == [("0", "warmup"), ("1", "teacher_1"), ("2", "teacher_2")]
+    for r in quality:
+        q = run[2]["pseudo_labels"][r["labels"]]
+        assert [float(r[k]) for k in ("threshold", "coverage", "pixel_acc", "miou")] == [
+            q[k] for k in ("threshold", "coverage", "pixel_acc", "miou")
+        ]
     counts = _rows(root / "reports/confusion_counts.csv", csv.reader)
     assert counts[0][1:] == [*NAMES, "outside"] and len(counts) == 1 + len(NAMES)
     # The final model (distill_2) predicts building everywhere.
