@@ -21,8 +21,10 @@ prefect: $(STAMP)
 VEGA ?= .vega
 VEGA_TEMPLATE := $(VEGA)/dvc_plots.html
 PLOTS_OUT ?= dvc_plots
+# REVS="HEAD no-rectify": the same charts for several commits or experiments (dvc plots diff).
+REVS ?=
 plots: $(VEGA_TEMPLATE)
-	$(VENV)/bin/dvc plots show --html-template $(VEGA_TEMPLATE) -o $(PLOTS_OUT)
+	$(VENV)/bin/dvc plots $(if $(REVS),diff $(REVS),show) --html-template $(VEGA_TEMPLATE) -o $(PLOTS_OUT)
 
 $(VEGA_TEMPLATE): $(STAMP) pipeline/report/vega/package-lock.json pipeline/report/offline_html.py
 	@command -v npm >/dev/null || { echo "make plots needs npm (Debian: apt-get install npm)"; exit 1; }
