@@ -152,10 +152,12 @@ def test_comparison_commands_run_as_written(finished_run: Path):
                 # The JS libraries come from npm (`make plots` installs them); a machine without them skips this.
                 skipped.append(command)
                 continue
-            # The project's venv (installed: its stamp is not older than pyproject.toml) and the built template.
+            # The project's venv and the built template, both up to date for make (so nothing is installed here).
             stamp = Path(sys.executable).parents[1] / ".installed"
             if stamp.is_file():
                 os.utime(root / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
+            for dep in ("pipeline/report/vega/package-lock.json", "pipeline/report/offline_html.py"):
+                os.utime(root / dep, (template.stat().st_mtime - 1,) * 2)
             res = sh(command, root, VENV=str(Path(sys.executable).parents[1]), VEGA=str(template.parent))
             page = (root / "dvc_plots" / "index.html").read_text()
             # Offline: no script is loaded from elsewhere; every declared chart is on the page for both revisions.
