@@ -1,5 +1,6 @@
 """Accuracy of the embedded default over seeds: mIoU on target val of source-only / warm-up, stage 1 (adapt), each
-KD round and the oracle, and the gap closed = (mIoU - warm-up) / (oracle - warm-up), as mean ± std over seeds.
+KD round and the oracle, and the gap closed = 100 (mIoU - warm-up) / (oracle - warm-up) in percent, as mean ± std
+over seeds.
 
 Each seed (`base.seed` and `data.embedded.seed`: other training randomness and other scenes) is a full
 `dvc repro` in its own git + DVC workspace under --workdir (kept, so --reuse can aggregate them again). The
@@ -103,10 +104,10 @@ def aggregate(runs: list[dict[str, Any]], goal: float) -> dict[str, Any]:
     }
 
 
-def pm(mean: float | None, std: float | None, scale: float = 1.0) -> str:
+def pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "—"
-    return f"{scale * mean:.1f}" + ("" if std is None else f" ± {scale * std:.1f}")
+    return f"{mean:.1f}" + ("" if std is None else f" ± {std:.1f}")
 
 
 def label(name: str, aligned: bool) -> str:
@@ -132,7 +133,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one full run per seed (default: 0 1 2)")
     ap.add_argument("--workdir", type=Path, help="folder for the seed_<s> workspaces (default: a temp dir, kept)")
     ap.add_argument("--reuse", type=Path, nargs="+", help="aggregate these existing runs instead of running")
-    ap.add_argument("--goal", type=float, default=0.5, help="gap closed the final stage should reach")
+    ap.add_argument("--goal", type=float, default=50.0, help="gap closed (%%) the final stage should reach")
     ap.add_argument(
         "--set",
         metavar="KEY=YAML",
@@ -167,7 +168,7 @@ def main() -> None:
                     label(n, aligned),
                     pm(s["miou_mean"], s["miou_std"]),
                     pm(s["pixel_acc_mean"], s["pixel_acc_std"]),
-                    pm(s.get("gap_closed_mean"), s.get("gap_closed_std"), 100) if "gap_closed_per_run" in s else "",
+                    pm(s.get("gap_closed_mean"), s.get("gap_closed_std")) if "gap_closed_per_run" in s else "",
                 ]
                 for n, s in agg["stages"].items()
             ],
@@ -180,8 +181,8 @@ def main() -> None:
     final_gap = agg["stages"].get(agg["final_stage"], {}).get("gap_closed_mean")
     verdict = {True: "met", False: "NOT met", None: "undefined (no gap)"}[agg["goal_met"]]
     print(
-        f"final stage {agg['final_stage']}: gap closed {pm(final_gap, None, 100)}{'' if final_gap is None else '%'} "
-        f"(goal >= {100 * args.goal:.0f}%: {verdict})"
+        f"final stage {agg['final_stage']}: gap closed {pm(final_gap, None)}{'' if final_gap is None else '%'} "
+        f"(goal >= {args.goal:g}%: {verdict})"
     )
     write_result(args.out, {"tiny": args.tiny, "runs": runs, "repro": repro_s or None, **agg})
 

@@ -72,7 +72,7 @@ def fake_run(root: Path, seed: int, warmup: float, adapt: float, kd: float, orac
     root.joinpath("metrics").mkdir(parents=True)
     root.joinpath("params.yaml").write_text(yaml.safe_dump(params))
     mious = {"warmup": warmup, "adapt": adapt, "distill_1": kd, "oracle": oracle}
-    gap = {n: (mious[n] - warmup) / (oracle - warmup) for n in ("adapt", "distill_1")}
+    gap = {n: 100 * (mious[n] - warmup) / (oracle - warmup) for n in ("adapt", "distill_1")}  # percent
     evaluate = {
         "final_stage": "distill_1",
         "gap_closed": gap,
@@ -91,8 +91,9 @@ def test_accuracy_reuse(tmp_path: Path) -> None:
     assert list(data["stages"]) == ["warmup", "adapt", "distill_1", "oracle"]
     assert [r["seed"] for r in data["runs"]] == [0, 1]
     kd = data["stages"]["distill_1"]
-    assert kd["gap_closed_mean"] == pytest.approx(0.45) and kd["miou_mean"] == pytest.approx(30.0)
+    assert kd["gap_closed_mean"] == pytest.approx(45.0) and kd["miou_mean"] == pytest.approx(30.0)
     assert data["goal_met"] is False and "NOT met" in text  # goal: 50% of the gap
+    assert "gap closed 45.0% (goal >= 50%" in text
 
 
 def test_ablation(pipeline, tmp_path: Path) -> None:

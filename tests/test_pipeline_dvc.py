@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import sys
@@ -104,3 +105,74 @@ def test_code_edit_marks_only_the_stages_that_import_it(repo: Path, module: str,
     finally:
         run(["git", "checkout", module], repo)
     assert "up to date" in run([*DVC, "status"], repo).stdout
+
+
+def _csv_columns(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open() as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def declared_plots(root: Path) -> list[tuple[str, Path, str, list[str]]]:
+    """(template, csv file, x column, y columns) of every chart in dvc.yaml's top-level plots, folders expanded."""
+    out = []
+    for entry in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]:
+        if isinstance(entry, str):  # an image
+            assert (root / entry).is_file(), entry
+            continue
+        ((plot_id, props),) = entry.items()
+        template, x, y = props.get("template", "linear"), props["x"], props["y"]
+        if isinstance(y, dict):  # a titled chart over named files
+            for file, cols in y.items():
+                xcol = x[file] if isinstance(x, dict) else x
+                out.append((template, root / file, xcol, [cols] if isinstance(cols, str) else cols))
+        else:  # the id is a file or a folder of files that share x and y
+            files = sorted((root / plot_id).glob("*.csv")) if (root / plot_id).is_dir() else [root / plot_id]
+            assert files, plot_id
+            out += [(template, f, x, [y] if isinstance(y, str) else y) for f in files]
+    return out
+
+
+def test_declared_plot_columns_exist_in_the_written_csvs(repo: Path, tmp_path: Path) -> None:
+    plots = declared_plots(repo)
+    files = {f.relative_to(repo).as_posix() for _, f, _, _ in plots}
+    # Every kind of curve a stage writes has a chart.
+    for expected in (
+        "plots/adapt/train.csv",
+        "plots/distill_1/train.csv",
+        "plots/warmup/eval.csv",
+        "plots/evaluate/miou_by_stage.csv",
+        "plots/evaluate/pseudo_labels.csv",
+        "plots/evaluate/per_class/adapt.csv",
+        "plots/evaluate/per_class/source_only.csv",
+    ):
+        assert expected in files, (expected, sorted(files))
+    for template, file, x, ys in plots:
+        assert file.is_file(), file
+        header, rows = _csv_columns(file)
+        assert rows, file
+        assert x in header and set(ys) <= set(header), (file, x, ys, header)
+        assert "lr" not in ys, file  # the learning rate is not a loss
+        if template == "bar_horizontal":
+            # DVC's bar_horizontal draws x as the bar length and y as the category.
+            assert all(_number(r[x]) or r[x] == "" for r in rows) and not any(_number(r[ys[0]]) for r in rows), file
+        else:
+            assert x in ("step", "round"), file  # the CSV's own iteration (or round), not DVC's row index
+    # DVC itself finds every declared column and draws every chart.
+    res = run([*DVC, "plots", "show", "--json", "-o", str(tmp_path / "plots")], repo)
+    assert "could not find" not in res.stderr and "failed" not in res.stderr.lower(), res.stderr
+    data = json.loads(res.stdout)["data"]
+    titled = [next(iter(e)) for e in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"] if isinstance(e, dict)]
+    for plot_id in titled:
+        charts = data.get(plot_id) or [c for k, v in data.items() if k.startswith(plot_id + "/") for c in v]
+        assert charts, (plot_id, sorted(data))
+        for chart in charts:
+            assert chart["type"] == "vega" and chart["content"]["data"]["values"], plot_id

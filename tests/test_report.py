@@ -215,8 +215,8 @@ def test_metrics_json(run):
     w, o = s["warmup"]["miou"], s["oracle"]["miou"]
     assert set(metrics["gap_closed"]) == {"adapt", "distill_1", "distill_2"}
     for name, gap in metrics["gap_closed"].items():
-        assert gap == pytest.approx((s[name]["miou"] - w) / (o - w), abs=1e-4)
-    assert metrics["gap_closed"]["adapt"] == pytest.approx((511 - 64) / (960 - 64), abs=1e-3)
+        assert gap == pytest.approx(100 * (s[name]["miou"] - w) / (o - w), abs=1e-2)  # percent, as mIoU
+    assert metrics["gap_closed"]["adapt"] == pytest.approx(100 * (511 - 64) / (960 - 64), abs=0.1)
 
 
 def test_pseudo_label_quality(run):
@@ -250,11 +250,21 @@ def test_csvs(run):
     rows = _rows(root / "plots/evaluate/miou_by_stage.csv")
     assert [r["stage"] for r in rows] == list(PREDICTS) and list(rows[0]) == ["stage", "miou"]
     assert float(rows[-1]["miou"]) == pytest.approx(constant_miou(ROAD), abs=1e-4)
-    per_class = _rows(root / "plots/evaluate/per_class.csv")
-    assert list(per_class[0]) == ["class", *PREDICTS] and [r["class"] for r in per_class] == NAMES
-    road = per_class[ROAD]
-    assert float(road["oracle"]) == pytest.approx(100 * 960 / VALID, abs=1e-4) and float(road["warmup"]) == 0.0
-    assert per_class[NAMES.index("train")]["oracle"] == ""  # absent and never predicted: undefined
+    # One (class, iou) file per model, for one bar chart each.
+    assert sorted(p.name for p in (root / "plots/evaluate/per_class").iterdir()) == sorted(f"{n}.csv" for n in PREDICTS)
+    per_class = {n: _rows(root / f"plots/evaluate/per_class/{n}.csv") for n in PREDICTS}
+    assert all(list(rows[0]) == ["class", "iou"] and [r["class"] for r in rows] == NAMES for rows in per_class.values())
+    assert float(per_class["oracle"][ROAD]["iou"]) == pytest.approx(100 * 960 / VALID, abs=1e-4)
+    assert float(per_class["warmup"][ROAD]["iou"]) == 0.0
+    assert per_class["oracle"][NAMES.index("train")]["iou"] == ""  # absent and never predicted: undefined
+    # Pseudo-label quality per round, as in evaluate.json (round 0: the warm-up's soft labels).
+    quality = _rows(root / "plots/evaluate/pseudo_labels.csv")
+    assert [(r["round"], r["labels"]) for r in quality] == [("0", "warmup"), ("1", "teacher_1"), ("2", "teacher_2")]
+    for r in quality:
+        q = run[2]["pseudo_labels"][r["labels"]]
+        assert [float(r[k]) for k in ("threshold", "coverage", "pixel_acc", "miou")] == [
+            q[k] for k in ("threshold", "coverage", "pixel_acc", "miou")
+        ]
     counts = _rows(root / "reports/confusion_counts.csv", csv.reader)
     assert counts[0][1:] == [*NAMES, "outside"] and len(counts) == 1 + len(NAMES)
     # The final model (distill_2) predicts building everywhere.
@@ -313,7 +323,7 @@ def test_gap_closed_undefined_and_nan():
     gaps, notes = report.gap_closed(
         {"warmup": 30.0, "oracle": 50.0, "adapt": 45.0, "distill_1": float("nan")}, ["adapt", "distill_1"]
     )
-    assert gaps == {"adapt": 0.75, "distill_1": None} and notes == []
+    assert gaps == {"adapt": 75.0, "distill_1": None} and notes == []
 
 
 def test_final_stage_without_rounds():
@@ -329,7 +339,7 @@ def test_summary_prints_table(run, capsys):
     oracle = next(l for l in out.splitlines() if l.startswith("oracle"))
     assert f"{constant_miou(ROAD):.2f}" in oracle
     adapt = next(l for l in out.splitlines() if l.startswith("adapt"))
-    assert f"{100 * run[2]['gap_closed']['adapt']:.1f}%" in adapt
+    assert f"{run[2]['gap_closed']['adapt']:.1f}%" in adapt
     assert "teacher_1" in out and "final model: distill_2" in out
 
 
@@ -349,9 +359,9 @@ def test_gap_is_measured_from_the_source_only_row_when_present():
     # stage 1 (35-20)/40 = 37.5%; without a source-only row the warm-up is the baseline.
     mious = {"source_only": 20.0, "warmup": 30.0, "adapt": 35.0, "oracle": 60.0}
     gaps, notes = report.gap_closed(mious, ["warmup", "adapt"])
-    assert gaps == {"warmup": 0.25, "adapt": 0.375} and not notes
+    assert gaps == {"warmup": 25.0, "adapt": 37.5} and not notes
     gaps, _ = report.gap_closed({"warmup": 30.0, "adapt": 35.0, "oracle": 60.0}, ["adapt"])
-    assert gaps == {"adapt": pytest.approx(1 / 6, abs=1e-4)}
+    assert gaps == {"adapt": pytest.approx(100 / 6, abs=1e-2)}
 
 
 def test_source_only_row_only_with_target_bn():

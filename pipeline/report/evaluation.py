@@ -1,8 +1,9 @@
 """The `evaluate` stage's measurements: one report of the whole run (``pipeline.report.render`` writes it out).
 
 Every stage's final model is re-evaluated here on target val, so the table never depends on numbers other
-stages wrote. The source-only model is the baseline: gap closed = (mIoU − source-only mIoU) / (oracle mIoU −
-source-only mIoU). ``best.pt`` (selected on target val itself) is measured too and labelled optimistic.
+stages wrote. The source-only model is the baseline: gap closed = 100 · (mIoU − source-only mIoU) / (oracle mIoU −
+source-only mIoU), in percent like every other number of the report. ``best.pt`` (selected on target val itself)
+is measured too and labelled optimistic.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
-        """The compact, diffable metrics JSON (mIoU, accuracy, coverage in %; gap closed as a fraction)."""
+        """The compact, diffable metrics JSON (mIoU, accuracy, coverage and gap closed: all in %)."""
         return {
             "stages": {
                 n: {"miou": _json_num(r.summary["miou"]), "pixel_acc": _json_num(r.summary["pixel_acc"])}
@@ -129,7 +130,7 @@ def _finite(x: float | None) -> bool:
 
 
 def gap_closed(mious: dict[str, float], adapted: Sequence[str]) -> tuple[dict[str, float | None], list[str]]:
-    """(mIoU − baseline) / (oracle − baseline) per adapted stage, as a fraction; None where undefined (+ a note).
+    """100 · (mIoU − baseline) / (oracle − baseline) per adapted stage, in percent; None where undefined (+ a note).
 
     The baseline is the source-only model: ``source_only`` when the warm-up saw target images, else the warm-up.
     """
@@ -140,7 +141,8 @@ def gap_closed(mious: dict[str, float], adapted: Sequence[str]) -> tuple[dict[st
             "so there is no gap to close"
         )
         return {n: None for n in adapted}, [note]
-    return {n: (round((mious[n] - w) / (o - w), 4) if _finite(mious[n]) else None) for n in adapted}, []
+    # Percent, as mIoU: one unit in dvc metrics, the report, the summary and the benchmarks.
+    return {n: (round(100.0 * (mious[n] - w) / (o - w), 2) if _finite(mious[n]) else None) for n in adapted}, []
 
 
 def overlay_indices(val: SegDataset, n: int) -> list[int]:

@@ -17,6 +17,8 @@ from pipeline.files import write_bytes, write_csv, write_json
 from pipeline.maths.metrics import ConfusionMatrix
 from pipeline.report.evaluation import LABELS, SOURCE_ONLY, WARMUP, Report
 
+# File names inside the plots folder (dvc.yaml's top-level plots name them).
+MIOU_BY_STAGE_CSV, PER_CLASS_DIR, PSEUDO_LABELS_CSV = "miou_by_stage.csv", "per_class", "pseudo_labels.csv"
 # File names inside the reports folder (dvc.yaml declares each).
 REPORT_MD, CONFUSION_PNG, CONFUSION_CSV, OVERLAYS_PNG = (
     "report.md",
@@ -31,7 +33,7 @@ class ReportOutputs:
     """Where `evaluate` writes (dvc.yaml passes each on the stage's command line)."""
 
     metrics: Path  # compact JSON for ``dvc metrics``
-    plots: Path  # folder: miou_by_stage.csv, per_class.csv
+    plots: Path  # folder: miou_by_stage.csv, per_class/<stage>.csv, pseudo_labels.csv
     reports: Path  # folder: report.md, confusion.png, confusion_counts.csv, overlays.png
 
 
@@ -39,16 +41,32 @@ def _pct_cell(v: float | None) -> str | float:
     return "" if v is None or not math.isfinite(v) else round(float(v), 4)
 
 
+def pseudo_label_round(name: str) -> int:
+    """The KD round a pseudo-label store belongs to: 0 for the warm-up's soft labels, r for ``teacher_<r>``."""
+    return 0 if name == WARMUP else int(name.removeprefix("teacher_"))
+
+
 def write_csvs(report: Report, out: ReportOutputs) -> None:
+    """The CSVs ``dvc plots`` draws (dvc.yaml's top-level ``plots`` names their columns)."""
     write_csv(
-        out.plots / "miou_by_stage.csv",
+        out.plots / MIOU_BY_STAGE_CSV,
         [["stage", "miou"]] + [[n, _pct_cell(r.summary["miou"])] for n, r in report.stages.items()],
     )
-    names = list(report.stages)
-    rows: list[list[Any]] = [["class", *names]]
-    for c in report.class_names:
-        rows.append([c, *(_pct_cell(report.stages[n].summary["per_class_iou"][c]) for n in names)])
-    write_csv(out.plots / "per_class.csv", rows)
+    # One file per model (class, iou): dvc.yaml declares the folder once, so any number of KD rounds gets its
+    # bar chart without a dvc.yaml edit.
+    for n, r in report.stages.items():
+        iou = r.summary["per_class_iou"]
+        write_csv(
+            out.plots / PER_CLASS_DIR / f"{n}.csv",
+            [["class", "iou"], *([c, _pct_cell(iou[c])] for c in report.class_names)],
+        )
+    # Quality of the stored labels per round (0 = the warm-up's soft labels stage 1 trains on).
+    quality = [["round", "labels", "threshold", "coverage", "pixel_acc", "miou"]]
+    for n, q in sorted(report.pseudo_labels.items(), key=lambda kv: pseudo_label_round(kv[0])):
+        quality.append(
+            [pseudo_label_round(n), n, q["threshold"], *(_pct_cell(q[k]) for k in ("coverage", "pixel_acc", "miou"))]
+        )
+    write_csv(out.plots / PSEUDO_LABELS_CSV, quality)
     # Raw counts of the final model: rows ground truth, columns prediction (+ predictions outside the classes).
     counts = report.stages[report.final_stage].cm.counts
     header = ["ground_truth \\ prediction", *report.class_names, "outside"]
@@ -217,12 +235,12 @@ def markdown(report: Report) -> str:
         "",
         "## mIoU by stage",
         "",
-        "| stage | mIoU (%) | pixel acc. (%) | gap closed | best-on-val mIoU (%) — optimistic |",
+        "| stage | mIoU (%) | pixel acc. (%) | gap closed (%) | best-on-val mIoU (%) — optimistic |",
         "|---|---:|---:|---:|---:|",
     ]
     for n, r in report.stages.items():
         gap = report.gap_closed.get(n)
-        gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{100 * gap:.1f}%")
+        gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{gap:.1f}")
         best = _fmt(r.best_miou) + (" (= last)" if r.best_is_last else "")
         lines.append(f"| {_label(n)} | {_fmt(r.summary['miou'])} | {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |")
     lines += [
@@ -233,7 +251,7 @@ def markdown(report: Report) -> str:
             if SOURCE_ONLY in report.stages
             else "- The warm-up model is the **source-only** baseline here (it never saw target labels)."
         ),
-        "- Gap closed = (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
+        "- Gap closed (%) = 100 · (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
         "source-only → oracle gap that adaptation recovers.",
         "- *Best-on-val* is `best.pt`, the checkpoint with the highest mIoU on this same target val set during "
         "training: it was selected on the test data, so it is **optimistic** and not a fair result. The fair "

@@ -39,7 +39,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
     gaps = metrics.get("gap_closed", {})
     rows = []
     for name, m in sorted(metrics.get("stages", {}).items(), key=lambda kv: _stage_rank(kv[0])):
-        gap = "" if name not in gaps else _num(None if gaps[name] is None else 100 * gaps[name], "{:.1f}%")
+        gap = "" if name not in gaps else _num(gaps[name], "{:.1f}%")  # evaluate.json holds percent
         rows.append([name, _num(m.get("miou")), _num(m.get("pixel_acc")), gap])
     out = ["mIoU on target val (%), every stage's model; gap closed: share of the source-only -> oracle gap"]
     out += _table(["stage", "mIoU", "pixel acc", "gap closed"], rows)

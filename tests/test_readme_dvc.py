@@ -1,0 +1,174 @@
+"""The README's experiment commands, read from the README and run as written in a temporary git + DVC repo.
+
+The workspace is the project with tiny params after a finished `dvc repro` (what `make run` leaves), so the
+commands meet what a user's clone holds. The README and this test cannot drift apart: the commands are taken
+from the README's "Experiments and the ablation table" section, not copied here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import REPO, env, run, tiny_params, workspace
+
+DVC = [sys.executable, "-m", "dvc"]
+SECTION = "## Experiments and the ablation table"
+TERMINAL_COLUMNS = 120
+
+
+def readme_blocks(readme: Path = REPO / "README.md") -> list[list[str]]:
+    """The commands of each ```bash block of the section, comments stripped, in order."""
+    text = readme.read_text()
+    start = text.index(SECTION)
+    end = text.find("\n## ", start + len(SECTION))
+    section = text[start : end if end > 0 else None]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    # A comment starts at "  # " (the commands' own regexes hold no such run).
+    return [[line.split("  #")[0].strip() for line in b.splitlines() if line.strip()] for b in blocks]
+
+
+def display_width(line: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line)
+
+
+def sh(command: str, root: Path, **extra: str) -> subprocess.CompletedProcess:
+    """One README line through bash, with the venv first on PATH (as `. .venv/bin/activate` gives)."""
+    res = subprocess.run(
+        ["bash", "-c", command],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=env(COLUMNS=str(TERMINAL_COLUMNS), **extra),
+        timeout=600,
+    )
+    assert res.returncode == 0, (
+        f"README command failed ({res.returncode}): {command}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    )
+    return res
+
+
+def wait_for_queue(root: Path, command: str, timeout_s: float = 900) -> str:
+    """Repeats the README's `dvc queue status` until no experiment is Queued or Running (what the README says)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = sh(command, root).stdout
+        if not re.search(r"\b(Queued|Running)\b", out):
+            return out
+        assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{out}"
+        time.sleep(5)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A committed project with tiny params, after `dvc repro` and before its results are committed."""
+    root = workspace(tmp_path_factory.mktemp("readme") / "repo", tiny_params(), git_dvc=True)
+    # The repository's own ignore rules (DVC's cached outputs are ignored as in a clone).
+    with (root / ".gitignore").open("a") as fh:
+        fh.write((REPO / ".gitignore").read_text())
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(REPO / name, root / name)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)
+    run([*DVC, "repro"], root)
+    yield root
+    # Leave no queue worker behind if a test stopped half-way.
+    subprocess.run([*DVC, "queue", "stop", "--kill"], cwd=root, capture_output=True, env=env())
+
+
+def test_readme_has_the_commands():
+    blocks = readme_blocks()
+    assert len(blocks) == 2, blocks
+    ablation = blocks[0]
+    assert sum(c.startswith("dvc exp run --queue") for c in ablation) == 4, ablation
+    assert "dvc queue start" in ablation and "dvc queue status" in ablation
+    assert any(c.startswith("dvc exp show") for c in ablation)
+
+
+def test_ablation_commands_run_as_written(finished_run: Path):
+    root = finished_run
+    commands = readme_blocks()[0]
+    names = []
+    show = ""
+    for command in commands:
+        if command == "dvc queue status":
+            status = wait_for_queue(root, command)
+            names = re.findall(r"-n (\S+)", " ".join(commands))
+            for name in names:
+                assert re.search(rf"{re.escape(name)}\s+\S+.*\bSuccess\b", status), status
+            continue
+        res = sh(command, root)
+        if command.startswith("dvc exp run --queue"):
+            # Queued, not run: the workspace keeps the default (nothing stacks).
+            assert "Queued experiment" in res.stdout + res.stderr
+            assert "rectify: true" in (root / "params.yaml").read_text()
+        if command.startswith("dvc exp show"):
+            show = res.stdout
+    assert names and show
+    lines = show.splitlines()
+    # Readable at 120 columns: nothing cut ("…"), every kept column's full name and every experiment shown.
+    assert max(display_width(line) for line in lines) <= TERMINAL_COLUMNS, show
+    assert "…" not in show, show
+    header = next(line for line in lines if "Experiment" in line)
+    for column in ("stages.adapt.miou", "stages.distill_1.miou", "gap_closed.adapt", "gap_closed.distill_1"):
+        assert column in header, show
+    for name in names:
+        row = next((line for line in lines if f"[{name}]" in line), None)
+        assert row is not None, show
+        assert len(re.findall(r"-?\d+(?:\.\d+)?", row.split("]", 1)[1])) == 4, row  # a value in every column
+    # Each experiment changed its own switch only: the ablations did not stack.
+    params = run(
+        [
+            *DVC,
+            "exp",
+            "show",
+            "--csv",
+            "--drop",
+            ".*",
+            "--keep",
+            r"Experiment|adapt\.(rectify|sce\.enabled|structure_kl\.enabled|regulariser\.enabled)$",
+        ],
+        root,
+    ).stdout
+    off = {row.split(",")[0]: row.count("False") for row in params.splitlines()[1:]}
+    assert all(off.get(name) == 1 for name in names), params
+
+
+def test_comparison_commands_run_as_written(finished_run: Path):
+    root = finished_run
+    template = REPO / ".vega" / "dvc_plots.html"
+    skipped = []
+    for command in readme_blocks()[1]:
+        if command.startswith("make plots"):
+            if not template.is_file():
+                # The JS libraries come from npm (`make plots` installs them); a machine without them skips this.
+                skipped.append(command)
+                continue
+            # The project's venv and the built template, both up to date for make (so nothing is installed here).
+            stamp = Path(sys.executable).parents[1] / ".installed"
+            if stamp.is_file():
+                os.utime(root / "pyproject.toml", (stamp.stat().st_mtime - 1,) * 2)
+            for dep in ("pipeline/report/vega/package-lock.json", "pipeline/report/offline_html.py"):
+                os.utime(root / dep, (template.stat().st_mtime - 1,) * 2)
+            res = sh(command, root, VENV=str(Path(sys.executable).parents[1]), VEGA=str(template.parent))
+            page = (root / "dvc_plots" / "index.html").read_text()
+            # Offline: no script is loaded from elsewhere; every declared chart is on the page for both revisions.
+            assert not re.search(r"<script[^>]+src=", page), "the page loads a script"
+            assert "vega-embed" in page and "no-rectify" in page
+            assert "WARNING" not in res.stderr and "failed" not in res.stderr.lower(), res.stderr
+            continue
+        res = sh(command, root)
+        if command.startswith("dvc metrics diff"):
+            assert "stages.adapt.miou" in res.stdout, res.stdout
+        if command.startswith("dvc exp apply"):
+            assert "rectify: false" in (root / "params.yaml").read_text()
+    if skipped:
+        pytest.skip(f"no built vega template ({template}; `make plots` builds it with npm): not run: {skipped}")
