@@ -203,7 +203,7 @@ def test_make_prefect_starts_a_detached_server_with_analytics_off(tmp_path: Path
 @needs_prefect
 def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_path: Path) -> None:
     url = server["url"]
-    env = clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@ok")
+    env = clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@ok", DVC_EXP_NAME="exp-ok")
     start = time.perf_counter()
     proc = run_stage(tmp_path, env)
     wall = time.perf_counter() - start
@@ -212,15 +212,16 @@ def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_pat
     assert out["result"] == 13 and out["prefect_imported"] is True
     print(f"server-mode stage process: {wall:.2f} s wall")
 
-    (run,) = flow_runs_named(url, "demo@ok")  # named after DVC_STAGE
+    (run,) = flow_runs_named(url, "demo@ok · exp-ok")  # the DVC stage and the experiment
     assert run["state_type"] == "COMPLETED"
-    assert run["tags"] == ["dvc-stage"]
+    assert run["tags"] == ["dvc-stage", "stage:demo", "exp:exp-ok"]
+    assert run["parameters"] == {"lr": 0.01}  # the parameters given to StageRun, shown as the flow's
     tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
     assert sorted(t["name"].rsplit("-", 1)[0] for t in tasks) == ["first", "second"]
 
     arts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     by_key = {a["key"]: a for a in arts if a["key"]}
-    assert set(by_key) == {"demo-ok-val", "demo-ok-params"}
+    assert set(by_key) == {"demo-ok-val"}
     data = by_key["demo-ok-val"]["data"]
     rows = json.loads(data) if isinstance(data, str) else data
     assert {"name": "miou", "value": 0.5} in rows and {"name": "iou/car", "value": None} in rows
@@ -235,11 +236,14 @@ def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_pat
 @needs_prefect
 def test_server_mode_failing_step_marks_flow_failed(server: dict, tmp_path: Path) -> None:
     url = server["url"]
-    proc = run_stage(tmp_path, clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@fail"), "--fail")
+    env = clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@fail", DVC_EXP_NAME="e")
+    proc = run_stage(tmp_path, env, "--fail")
     assert proc.returncode != 0
     assert "ZeroDivisionError" in proc.stderr
-    (run,) = flow_runs_named(url, "demo@fail")
-    assert run["state_type"] == "FAILED"
+    # Prefect's engines log no tracebacks of their own: only Python's, of the script's uncaught exception.
+    assert proc.stderr.count("Traceback") == 1, proc.stderr
+    (run,) = flow_runs_named(url, "demo@fail · e")
+    assert run["state_type"] == "FAILED" and "ZeroDivisionError" in run["state"]["message"]
     failed = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "FAILED"])
     assert [t["name"].rsplit("-", 1)[0] for t in failed] == ["boom"]
 
@@ -276,8 +280,19 @@ stages:
     deps: [a.txt, b_stage.py]
     outs: [b.txt]
   a:
-    cmd: python -c "open('a.txt', 'w').write('a')"
+    cmd: python a_stage.py
+    deps: [a_stage.py]
     outs: [a.txt]
+"""
+
+# A stage with a progress bar: 200 refreshes of one terminal line.
+A_STAGE = """\
+import sys
+for i in range(200):
+    sys.stderr.write(f"\\rprogress {i + 1}/200")
+    sys.stderr.flush()
+sys.stderr.write("\\n")
+open("a.txt", "w").write("a")
 """
 
 B_STAGE = """\
@@ -305,6 +320,7 @@ def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             conf["core"]["analytics"] = False
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "b_stage.py").write_text(B_STAGE)
+    (root / "a_stage.py").write_text(A_STAGE)
     return root
 
 
@@ -340,23 +356,46 @@ def test_orchestrate_without_server_explains(monkeypatch: pytest.MonkeyPatch, ca
 
 
 @needs_prefect
-def test_pipeline_flow_runs_stages_in_order_and_respects_cache(server: dict, dvc_repo: Path) -> None:
-    from pipeline.orchestrate import repro_stage
-
+def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(server: dict, dvc_repo: Path) -> None:
     url = server["url"]
     env = clean_env(server["home"], PREFECT_API_URL=url)
     cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(dvc_repo)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
     assert (dvc_repo / "c_x.txt").read_text() == "abx"
-    assert "pipeline: a=ran, b=ran, c@x=ran" in proc.stdout + proc.stderr
+    assert "pipeline: a=ran, b=ran, c@x=ran" in output
+    assert "progress 200/200" in output  # the stage's own output still reaches the terminal
+    assert "dvc push" not in output and "To track the changes with git" not in output
 
     (run,) = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["dvc-pipeline"]}}})
     assert run["state_type"] == "COMPLETED"
     tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
-    assert sorted(t["name"] for t in tasks) == ["a", "b", "c@x"]
-    (stage_b,) = flow_runs_named(url, "b")  # the stage's own flow run, named after DVC_STAGE
-    assert stage_b["state_type"] == "COMPLETED"
+    by_name = {t["name"]: t for t in tasks}
+    assert sorted(by_name) == ["a", "b", "c@x"] and {t["state_name"] for t in tasks} == {"Completed"}
 
-    # Up to date now: DVC's cache turns the stage into a no-op (the flow does this for every stage).
-    assert repro_stage("c@x", dvc_repo) == "skipped"
+    # Stage b is a Prefect stage: its flow run is a subflow of the pipeline run, under the task run "b".
+    (stage_b,) = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["b"]}}})
+    assert stage_b["state_type"] == "COMPLETED" and stage_b["name"].startswith("b · ")
+    assert stage_b["parent_task_run_id"] == by_name["b"]["id"]
+    children = api(url, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+    assert [c["id"] for c in children] == [stage_b["id"]]
+
+    # Logs of the pipeline run: a line per stage, not per progress-bar refresh, no DVC hints, no nested
+    # Prefect log lines (their timestamps would be doubled).
+    logs = poll(lambda: api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}}))
+    messages = [entry["message"] for entry in logs]
+    assert len(messages) < 20, messages
+    assert not [m for m in messages if "progress" in m or "dvc push" in m or " | INFO " in m], messages
+
+    # Up to date now: every stage is a cache hit, marked "Skipped" (a state name the UI and API filter on).
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "pipeline: a=skipped, b=skipped, c@x=skipped" in again.stdout + again.stderr
+    runs = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["dvc-pipeline"]}}, "sort": "START_TIME_DESC"})
+    skipped = api(
+        url,
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}, "task_runs": {"state": {"name": {"any_": ["Skipped"]}}}},
+    )
+    assert sorted(t["name"] for t in skipped) == ["a", "b", "c@x"]
