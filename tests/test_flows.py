@@ -399,3 +399,173 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
         {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}, "task_runs": {"state": {"name": {"any_": ["Skipped"]}}}},
     )
     assert sorted(t["name"] for t in skipped) == ["a", "b", "c@x"]
+
+
+# ---------------------------------------------------------------- real stages (tiny params) against the server
+
+# A warm-up long enough (~15 s at tiny sizes) to watch and cancel: loss lines every 10 steps, one periodic
+# evaluation, no periodic resume state (so the state left after a cancel can only come from the cancel).
+LIVE = {
+    "warmup.optim.iters": 800,
+    "warmup.optim.log_every": 10,
+    "warmup.optim.eval_every": 200,
+    "warmup.optim.ckpt_every": 100_000,
+    "warmup.target_bn": False,
+}
+
+
+def stage_env(server: dict, **extra: str) -> dict[str, str]:
+    return clean_env(server["home"], PREFECT_API_URL=server["url"], OMP_NUM_THREADS="1", **extra)
+
+
+@pytest.fixture(scope="module")
+def stage_ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the project with tiny params; generate and prepare done (without Prefect)."""
+    from tests.tiny import stage, tiny_params, workspace
+
+    root = workspace(tmp_path_factory.mktemp("stage-ws") / "ws", tiny_params(**LIVE), git_dvc=True)
+    for name in ("generate", "prepare"):
+        stage(name, root, env=clean_env(root / ".prefect", PIPELINE_PREFECT="0", OMP_NUM_THREADS="1"))
+    return root
+
+
+def logs_of(url: str, flow_run_id: str) -> list[str]:
+    logs = api(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC"})
+    return [entry["message"] for entry in logs]
+
+
+@needs_prefect
+def test_training_reports_live_cancel_keeps_resume_state_and_rerun_resumes(server: dict, stage_ws: Path) -> None:
+    import re
+
+    from tests.tiny import stage_argv
+
+    url, ws = server["url"], stage_ws
+    env = stage_env(server, DVC_STAGE="warmup", DVC_EXP_NAME="live")
+    proc = subprocess.Popen(stage_argv("warmup", ws), cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        runs = poll(lambda: flow_runs_named(url, "warmup · live"), timeout=60)
+        assert runs, "no flow run 'warmup · live'"
+        run_id = runs[0]["id"]
+
+        def live() -> tuple | None:
+            # Loss lines at the log interval, the periodic evaluation and a progress artifact above 0, all
+            # read back from the server while the stage still trains.
+            messages = logs_of(url, run_id)
+            steps = [m for m in messages if re.search(r"step \d+/800 ce=\S+ loss=\S+ lr=\S+ img/s=\S+", m)]
+            evals = [m for m in messages if "eval at step 200/800: miou=" in m]
+            arts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["warmup-progress"]}}})
+            progress = [a["data"] for a in arts if a["flow_run_id"] == run_id and a["type"] == "progress"]
+            return (steps, evals, progress) if steps and evals and progress and progress[0] > 0 else None
+
+        seen = poll(live, timeout=90)
+        assert seen, f"no live loss/eval lines or progress: {logs_of(url, run_id)[-10:]}"
+        assert proc.poll() is None, "the stage had ended before its logs were seen: they were not live"
+        steps, _, (progress,) = seen
+        assert len(steps) < 80  # one line per log interval, not per step
+        # Cancel as the UI's Cancel button does: the flow run goes to Cancelling.
+        api(url, f"/flow_runs/{run_id}/set_state", {"state": {"type": "CANCELLING"}, "force": True})
+        _, err_bytes = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_bytes.decode(errors="replace")
+    assert proc.returncode == 130, err[-3000:]
+    found = re.search(r"cancelled at iteration (\d+)/800", err)
+    assert found, err[-3000:]
+    stopped_at = int(found.group(1))
+    assert 0 < stopped_at < 800
+    assert (ws / ".resume/warmup/state.pt").is_file()
+    assert not (ws / "metrics/warmup.json").exists()  # nothing that would pass for a finished stage
+    assert "Traceback" not in err
+    cancelled = poll(lambda: [r for r in flow_runs_named(url, "warmup · live") if r["state_type"] == "CANCELLED"])
+    assert cancelled, flow_runs_named(url, "warmup · live")
+
+    # The same command again resumes from the state the cancel left, finishes, and records its run.
+    env = stage_env(server, DVC_STAGE="warmup", DVC_EXP_NAME="resumed")
+    again = subprocess.run(stage_argv("warmup", ws), cwd=ws, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from iteration {stopped_at}" in again.stdout + again.stderr
+    assert not (ws / ".resume/warmup").exists()
+    metrics = json.loads((ws / "metrics/warmup.json").read_text())
+    assert metrics["resumed_from"] == stopped_at
+    (resumed,) = flow_runs_named(url, "warmup · resumed")
+    assert resumed["state_type"] == "COMPLETED"
+    commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ws, capture_output=True, text=True)
+    assert metrics["run"] == {"commit": commit.stdout.strip(), "flow_run": resumed["id"]}
+    # `dvc metrics show` still reads the file: numbers as numbers, the run as two string columns.
+    from tests.tiny import run
+
+    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], ws).stdout)
+    warmup = shown[""]["data"]["metrics/warmup.json"]["data"]  # "": the workspace
+    assert isinstance(warmup["miou"], float) and warmup["run"]["flow_run"] == resumed["id"]
+    table = run([sys.executable, "-m", "dvc", "metrics", "show", "metrics/warmup.json"], ws).stdout
+    assert "run.commit" in table and "run.flow_run" in table and "miou" in table
+
+
+@needs_prefect
+def test_bad_params_are_a_failed_flow_run_with_the_message(server: dict, stage_ws: Path) -> None:
+    from tests.tiny import stage_argv, tiny_params, write_params
+
+    url, ws = server["url"], stage_ws
+    bad = ws / "bad"
+    bad.mkdir()
+    write_params(bad, tiny_params(**LIVE, **{"warmup.optim.lr": -1}))
+    (bad / "dvc.yaml").write_text((ws / "dvc.yaml").read_text())  # what the stage declares: its parameters
+    env = stage_env(server, DVC_STAGE="warmup", DVC_EXP_NAME="bad-lr")
+    argv = [*stage_argv("warmup", ws), "--params", str(bad / "params.yaml")]
+    res = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "warmup.optim.lr" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    (run,) = flow_runs_named(url, "warmup · bad-lr")
+    assert run["state_type"] == "FAILED" and "warmup.optim.lr" in run["state"]["message"]
+    # The flow's parameters are the sections dvc.yaml declares for the stage, as written (the bad value too).
+    params = run["parameters"]
+    assert set(params) == {"base", "data", "model", "warmup", "evaluate"}
+    assert params["evaluate"] == {"batch_size": 4} and params["warmup"]["optim"]["lr"] == -1
+
+
+@needs_prefect
+def test_nan_loss_is_one_line_and_one_traceback_on_request(server: dict, stage_ws: Path, tmp_path: Path) -> None:
+    from tests.tiny import stage_argv, tiny_params, write_params
+
+    url, ws = server["url"], stage_ws
+    write_params(tmp_path, tiny_params(**{**LIVE, "warmup.optim.lr": 1e30, "warmup.optim.iters": 20}))
+    (tmp_path / "dvc.yaml").write_text((ws / "dvc.yaml").read_text())
+    argv = [*stage_argv("warmup", ws), "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "m")]
+    res = subprocess.run(argv, cwd=ws, env=stage_env(server, DVC_EXP_NAME="nan"), capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "loss is nan" in res.stderr and "Traceback" not in res.stdout + res.stderr, res.stderr
+    (run,) = flow_runs_named(url, "warmup · nan")
+    assert run["state_type"] == "FAILED" and "loss is nan" in run["state"]["message"]
+    messages = poll(lambda: [m for m in logs_of(url, run["id"]) if "loss is nan" in m])
+    assert messages and not [m for m in messages if "Traceback" in m]
+
+    env = clean_env(ws / ".prefect", PIPELINE_PREFECT="0", PIPELINE_TRACEBACK="1", OMP_NUM_THREADS="1")
+    res = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True)
+    assert res.returncode == 1 and (res.stdout + res.stderr).count("Traceback") == 1, res.stderr
+
+
+def test_corrupt_or_foreign_model_file_names_the_file(stage_ws: Path, tmp_path: Path) -> None:
+    import argparse
+
+    import torch
+
+    from tests.tiny import stage_argv
+
+    garbage, foreign, truncated = tmp_path / "garbage.pt", tmp_path / "foreign.pt", tmp_path / "truncated.pt"
+    garbage.write_bytes(b"not a checkpoint" * 64)
+    torch.save({"model": argparse.Namespace()}, foreign)  # a pickled Python object
+    torch.save({"model": {"w": torch.zeros(64)}, "meta": {}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    env = clean_env(stage_ws / ".prefect", PIPELINE_PREFECT="0", OMP_NUM_THREADS="1")
+    for path, why in ((garbage, "corrupt"), (foreign, "not a file written by this pipeline"), (truncated, "corrupt")):
+        argv = [str(path) if a == "models/warmup/last.pt" else a for a in stage_argv("pseudo_label", stage_ws)]
+        argv += ["--out", str(tmp_path / "pl.zarr")]
+        res = subprocess.run(argv, cwd=stage_ws, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1
+        assert f"cannot load checkpoint {path}" in res.stderr and why in res.stderr, res.stderr
+        assert (
+            "arbitrary code" not in res.stderr and "file an issue" not in res.stderr and "Traceback" not in res.stderr
+        )

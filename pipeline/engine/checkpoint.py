@@ -56,6 +56,22 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def loadable(obj: Any) -> Any:
+    """``obj`` with numpy arrays and scalars turned into tensors and Python numbers, recursively: what
+    ``weights_only`` loading accepts (a numpy array in resume state made the state unreadable on resume)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: loadable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(loadable(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_v": 3}
     if torch.cuda.is_available():

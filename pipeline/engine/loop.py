@@ -298,7 +298,7 @@ def fit(
             with autocast(info.device, p.amp):
                 loss, logs = task.loss(batch, it)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")
+                raise FloatingPointError(f"[{name}] loss is {loss.item()} at iteration {it}: {logs}")
             (loss / p.accum_steps).backward()
             for k, v in {**logs, "loss": loss.item()}.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / p.accum_steps
@@ -382,8 +382,9 @@ def _save_state(task, streams, info, path, fingerprint, step, best, history) -> 
                 "extras": {k: e.state_dict() for k, e in task.extras().items()},
                 "streams": {k: s.state_dict() for k, s in streams.items()},
                 "rng": rng,
-                "best": best,
-                "history": history,
+                # Evaluation metrics carry numpy arrays (per-class IoU): stored as tensors, loadable on resume.
+                "best": ckpt.loadable(best),
+                "history": ckpt.loadable(history),
             },
             path,
         )
