@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.states import Completed, State
 
-from pipeline.orchestration.flows import PARENT_ENV, server_available
+from pipeline.orchestration.flows import PARENT_ENV, git_commit, server_available
 
 TAIL_LINES = 40
 
@@ -115,7 +115,9 @@ def repro_stage(
             out.write(buf[echoed:])
             out.flush()
     if proc.returncode != 0:
-        raise StageFailed(f"DVC stage {stage!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        # 130: the stage's own flow run was cancelled (or Ctrl-C); its resume state is kept.
+        what = "was cancelled" if proc.returncode == 130 else "failed"
+        raise StageFailed(f"DVC stage {stage!r} {what} (exit {proc.returncode}); last output:\n" + "\n".join(tail))
     return "skipped" if skipped else "ran"
 
 
@@ -147,7 +149,15 @@ def _select(order: list[str], stages: list[str] | None) -> list[str]:
     return picked
 
 
-@flow(name="dvc-pipeline", persist_result=False)
+def _run_name() -> str:
+    """``dvc-pipeline · <commit of the repo it runs>``, like the stages' own flow runs."""
+    from prefect.runtime import flow_run
+
+    root = flow_run.parameters.get("repo_root", ".")
+    return f"dvc-pipeline · {git_commit(root) or time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="dvc-pipeline", flow_run_name=_run_name, persist_result=False)
 def pipeline_flow(repo_root: str = ".", stages: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Reproduce the DVC pipeline stage by stage (dependencies first); stop at the first failing stage.
 

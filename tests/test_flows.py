@@ -42,6 +42,9 @@ def main(run):
     run.publish_metrics("val", {"miou": 0.5, "iou": {"road": 0.9, "car": float("nan")}})
     if "--fail" in sys.argv:
         run.step("boom", lambda: 1 / 0)
+    if "--cancel-late" in sys.argv:  # as the UI's Cancel does, once the work is done
+        cancel = {"state": {"type": "CANCELLING"}, "force": True}
+        run.api_call("POST", f"/flow_runs/{run.flow_run_id}/set_state", cancel)
     return y
 
 result = StageRun("demo", params={"lr": 0.01}).run(main)
@@ -249,6 +252,17 @@ def test_server_mode_failing_step_marks_flow_failed(server: dict, tmp_path: Path
 
 
 @needs_prefect
+def test_cancel_after_the_work_is_done_completes(server: dict, tmp_path: Path) -> None:
+    """Prefect keeps a Cancelling run Cancelling when its flow returns; a stage that finished is Completed."""
+    url = server["url"]
+    env = clean_env(server["home"], PREFECT_API_URL=url, DVC_STAGE="demo@late", DVC_EXP_NAME="e")
+    proc = run_stage(tmp_path, env, "--cancel-late")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = flow_runs_named(url, "demo@late · e")
+    assert run["state_type"] == "COMPLETED" and "after the stage had finished" in run["state"]["message"]
+
+
+@needs_prefect
 def test_server_available_finds_live_server(server: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.setenv("PREFECT_API_URL", server["url"] + "/")
@@ -369,7 +383,7 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
     assert "dvc push" not in output and "To track the changes with git" not in output
 
     (run,) = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["dvc-pipeline"]}}})
-    assert run["state_type"] == "COMPLETED"
+    assert run["state_type"] == "COMPLETED" and run["name"].startswith("dvc-pipeline · ")
     tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
     by_name = {t["name"]: t for t in tasks}
     assert sorted(by_name) == ["a", "b", "c@x"] and {t["state_name"] for t in tasks} == {"Completed"}
@@ -542,7 +556,8 @@ def test_nan_loss_is_one_line_and_one_traceback_on_request(server: dict, stage_w
     messages = poll(lambda: [m for m in logs_of(url, run["id"]) if "loss is nan" in m])
     assert messages and not [m for m in messages if "Traceback" in m]
 
-    env = clean_env(ws / ".prefect", PIPELINE_PREFECT="0", PIPELINE_TRACEBACK="1", OMP_NUM_THREADS="1")
+    # Asked for, one traceback (Prefect's engines would add two more of their own).
+    env = stage_env(server, DVC_EXP_NAME="nan-tb", PIPELINE_TRACEBACK="1")
     res = subprocess.run(argv, cwd=ws, env=env, capture_output=True, text=True)
     assert res.returncode == 1 and (res.stdout + res.stderr).count("Traceback") == 1, res.stderr
 
@@ -552,6 +567,7 @@ def test_corrupt_or_foreign_model_file_names_the_file(stage_ws: Path, tmp_path: 
 
     import torch
 
+    from pipeline.engine.checkpoint import CheckpointError, load
     from tests.tiny import stage_argv
 
     garbage, foreign, truncated = tmp_path / "garbage.pt", tmp_path / "foreign.pt", tmp_path / "truncated.pt"
@@ -559,13 +575,17 @@ def test_corrupt_or_foreign_model_file_names_the_file(stage_ws: Path, tmp_path: 
     torch.save({"model": argparse.Namespace()}, foreign)  # a pickled Python object
     torch.save({"model": {"w": torch.zeros(64)}, "meta": {}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    env = clean_env(stage_ws / ".prefect", PIPELINE_PREFECT="0", OMP_NUM_THREADS="1")
     for path, why in ((garbage, "corrupt"), (foreign, "not a file written by this pipeline"), (truncated, "corrupt")):
-        argv = [str(path) if a == "models/warmup/last.pt" else a for a in stage_argv("pseudo_label", stage_ws)]
-        argv += ["--out", str(tmp_path / "pl.zarr")]
-        res = subprocess.run(argv, cwd=stage_ws, env=env, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 1
-        assert f"cannot load checkpoint {path}" in res.stderr and why in res.stderr, res.stderr
-        assert (
-            "arbitrary code" not in res.stderr and "file an issue" not in res.stderr and "Traceback" not in res.stderr
-        )
+        with pytest.raises(CheckpointError) as err:
+            load(path)
+        assert str(err.value).startswith(f"cannot load checkpoint {path}: ") and why in str(err.value)
+        assert "arbitrary code" not in str(err.value) and "file an issue" not in str(err.value)
+
+    # As a stage reports it: one line naming the file, no torch advice, no traceback.
+    env = clean_env(stage_ws / ".prefect", PIPELINE_PREFECT="0", OMP_NUM_THREADS="1")
+    argv = [str(foreign) if a == "models/warmup/last.pt" else a for a in stage_argv("pseudo_label", stage_ws)]
+    argv += ["--out", str(tmp_path / "pl.zarr")]
+    res = subprocess.run(argv, cwd=stage_ws, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert f"[pseudo_label] error: cannot load checkpoint {foreign}: not a file written" in res.stderr, res.stderr
+    assert "arbitrary code" not in res.stderr and "file an issue" not in res.stderr and "Traceback" not in res.stderr

@@ -20,19 +20,24 @@ task graph. ``run(main)`` wraps ``main`` in ``flow(...)`` and calls it with this
 Modes, decided once per process by :func:`server_available`:
 
 * **server mode** (``PREFECT_API_URL`` or the active Prefect profile names a server whose ``/health``
-  answers 200): ``main`` runs inside a flow run named after the DVC stage, each ``step`` is a task run
-  (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's argument hashing would return stale
-  results for changed files), ``print`` goes to the Prefect logs (``log_prints=True``), metrics become
-  table artifacts. Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU per stage process,
-  2.3-3 s wall under load; most of it is ``import prefect``.
+  answers 200): ``main`` runs inside a flow run named ``<DVC stage> · <experiment or commit>``, tagged
+  ``dvc-stage``, ``stage:<name>`` (and ``exp:<name>``), whose parameters are the ``params`` given (the stage's
+  own sections). Each ``step`` is a task run (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's
+  argument hashing would return stale results for changed files), ``print`` goes to the Prefect logs
+  (``log_prints=True``), metrics become table artifacts. During training the loop reports through
+  :func:`monitor` (a :class:`LiveMonitor`): loss lines at the log interval, each evaluation, a progress
+  artifact, and a cancel check (flow run set to Cancelling -> :class:`StageCancelled` at the next step
+  boundary -> a Cancelled flow run). Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU
+  per stage process, 2.3-3 s wall under load; most of it is ``import prefect``.
 * **no-server mode** (nothing configured, nothing answering, ``PIPELINE_PREFECT=0``, or a torchrun rank
   other than 0): Prefect is never imported (the import alone costs 1.2-2.5 s, and a flow without a server
   would start a temporary server, 13-23 s). ``main`` and the steps are called directly; metrics are only
-  logged. Overhead ~0.1 s.
+  logged; the monitor does nothing. Overhead ~0.1 s.
 
 Limits: a server that goes away in the middle of a stage makes Prefect's client calls fail, which fails the
-stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are off: they cost ~1 s per stage).
-``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after ``run`` returns or raises.
+stage (the monitor's own requests never do). A SIGKILLed stage leaves its flow run "Running" (heartbeats are
+off: they cost ~1 s per stage). ``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after
+``run`` returns or raises.
 Only the environment and the profile file are read for the API URL, not ``prefect.toml`` or ``.env``.
 """
 
@@ -149,7 +154,8 @@ _prefect: Any = None  # namespace of the Prefect objects we use, imported once o
 
 class _NoTraceback:
     """Logging filter: Prefect's engines log a failing task's and flow's traceback (twice, plus Python's own at
-    exit); the stage entry point prints one line instead, or one traceback with ``PIPELINE_TRACEBACK=1``."""
+    exit). Their one-line messages stay; the stage entry point prints the one traceback when
+    ``PIPELINE_TRACEBACK=1`` asks for it."""
 
     def filter(self, record: Any) -> bool:
         record.exc_info, record.exc_text = None, None
@@ -184,7 +190,7 @@ def _import_prefect(api_url: str | None) -> Any:
         from prefect.context import FlowRunContext, TaskRunContext
         from prefect.flow_engine import run_flow_sync
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-        from prefect.states import Cancelled
+        from prefect.states import Cancelled, Completed
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -192,9 +198,8 @@ def _import_prefect(api_url: str | None) -> Any:
     # At exit Prefect's event worker sends the last task-run events and warns "Still processing items" while
     # it does: expected after every short stage, not a problem.
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-    if not os.environ.get(TRACEBACK_ENV):
-        for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(_NoTraceback())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTraceback())
     _prefect = types.SimpleNamespace(
         flow=flow,
         task=task,
@@ -204,6 +209,7 @@ def _import_prefect(api_url: str | None) -> Any:
         TaskRunContext=TaskRunContext,
         NO_CACHE=NO_CACHE,
         Cancelled=Cancelled,
+        Completed=Completed,
         run_flow_sync=run_flow_sync,
         create_table_artifact=create_table_artifact,
         create_markdown_artifact=create_markdown_artifact,
@@ -269,6 +275,7 @@ class LiveMonitor(Monitor):
     def __init__(self, run: StageRun) -> None:
         self.run = run
         self.logger: Any = None
+        self.name = run.name  # the loop's run name (e.g. "distill@1"), set by start
         self.artifact_id: str | None = None
         self.progress = 0.0
         self.sent_progress = -1.0
@@ -283,6 +290,7 @@ class LiveMonitor(Monitor):
 
     def start(self, name: str, total: int, initial: int) -> None:
         pf = _import_prefect(self.run.api_url)
+        self.name = name
         try:
             self.logger = pf.get_run_logger()
         except Exception:  # outside a run context (a plain call of fit): print instead
@@ -306,12 +314,12 @@ class LiveMonitor(Monitor):
     def train_log(self, step: int, total: int, values: Mapping[str, float]) -> None:
         self.progress = 100.0 * step / max(total, 1)
         parts = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-        self._say(f"[{self.run.name}] step {step}/{total} {parts}")
+        self._say(f"[{self.name}] step {step}/{total} {parts}")
 
     def eval_log(self, step: int, total: int, metrics: Mapping[str, Any]) -> None:
         shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.startswith("_")}
         parts = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
-        self._say(f"[{self.run.name}] eval at step {step}/{total}: {parts}")
+        self._say(f"[{self.name}] eval at step {step}/{total}: {parts}")
 
     def stop_requested(self) -> bool:
         if self.cancelled or time.monotonic() < self.next_poll:
@@ -321,7 +329,7 @@ class LiveMonitor(Monitor):
         state = self.run.api_get(f"/flow_runs/{self.run.flow_run_id}")
         if state and state.get("state_type") in ("CANCELLING", "CANCELLED"):
             self.cancelled = True
-            self._say(f"[{self.run.name}] cancel requested: stopping at this step boundary")
+            self._say(f"[{self.name}] cancel requested: stopping at this step boundary")
         return self.cancelled
 
     def _push_progress(self) -> None:
@@ -337,13 +345,13 @@ class LiveMonitor(Monitor):
 # ------------------------------------------------------------------------------------------- stage runs
 
 
-def git_commit() -> str | None:
-    """Short commit of the code this stage runs (an experiment's baseline under ``dvc exp run``), or None."""
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """Short commit of the code run in ``cwd`` (an experiment's baseline under ``dvc exp run``), or None."""
     if rev := os.environ.get("DVC_EXP_BASELINE_REV"):
         return rev[:7]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+            ["git", "rev-parse", "--short=7", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -442,11 +450,18 @@ class StageRun:
         _active_monitor = LiveMonitor(self)
         try:
             with pf.no_heartbeats():
-                pf.run_flow_sync(wrapped, flow_run=flow_run, return_type="state")
+                state = pf.run_flow_sync(wrapped, flow_run=flow_run, return_type="state")
         finally:
             _active_monitor = _NO_MONITOR
         if "error" in outcome:
             raise outcome["error"]
+        if state.name == "Cancelling":
+            # Cancel requested after the work was done (a non-training stage, or a training stage's final
+            # evaluation): the server kept Cancelling over Completed and would show it for ever. The stage
+            # finished and DVC records it, so say so.
+            with pf.get_client(sync_client=True) as client:
+                done = pf.Completed(message="cancel requested after the stage had finished its work")
+                client.set_flow_run_state(flow_run.id, done, force=True)
         return outcome.get("result")
 
     def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
