@@ -31,7 +31,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.states import Completed, State
 
-from pipeline.orchestration.flows import PARENT_ENV, git_commit, server_available
+from pipeline.orchestration.flows import (
+    PARENT_ENV,
+    TRACEBACK_ENV,
+    git_commit,
+    hide_prefect_tracebacks,
+    server_available,
+)
 
 TAIL_LINES = 40
 
@@ -199,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     # Stage processes inherit this, so their flow runs go to the same server as this one.
     os.environ["PREFECT_API_URL"] = url
     repo = str(Path(args.repo).resolve())
+    if not os.environ.get(TRACEBACK_ENV):
+        hide_prefect_tracebacks()
     if args.command == "run":
-        pipeline_flow(repo_root=repo, stages=args.stage, force=args.force)
+        try:
+            pipeline_flow(repo_root=repo, stages=args.stage, force=args.force)
+        except (StageFailed, ValueError) as err:  # the flow run is Failed with this message; no traceback
+            print(f"pipeline: {err}", file=sys.stderr, flush=True)
+            return 1
     else:
         pipeline_flow.serve(name=args.name, parameters={"repo_root": repo})
     return 0

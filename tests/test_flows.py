@@ -382,8 +382,12 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
     assert "progress 200/200" in output  # the stage's own output still reaches the terminal
     assert "dvc push" not in output and "To track the changes with git" not in output
 
-    (run,) = api(url, "/flow_runs/filter", {"flows": {"name": {"any_": ["dvc-pipeline"]}}})
-    assert run["state_type"] == "COMPLETED" and run["name"].startswith("dvc-pipeline · ")
+    completed = {
+        "flows": {"name": {"any_": ["dvc-pipeline"]}},
+        "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+    }
+    (run,) = api(url, "/flow_runs/filter", completed)
+    assert run["name"].startswith("dvc-pipeline · ")
     tasks = poll(lambda: [t for t in task_runs_of(url, run["id"]) if t["state_type"] == "COMPLETED"])
     by_name = {t["name"]: t for t in tasks}
     assert sorted(by_name) == ["a", "b", "c@x"] and {t["state_name"] for t in tasks} == {"Completed"}
@@ -413,6 +417,28 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
         {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}, "task_runs": {"state": {"name": {"any_": ["Skipped"]}}}},
     )
     assert sorted(t["name"] for t in skipped) == ["a", "b", "c@x"]
+
+
+@needs_prefect
+def test_pipeline_flow_failure_is_one_line_and_a_failed_run(server: dict, tmp_path: Path) -> None:
+    from dvc.repo import Repo
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    with Repo.init(str(tmp_path)) as repo:
+        with repo.config.edit() as conf:
+            conf["core"]["site_cache_dir"] = str(tmp_path / "site-cache")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  bad:\n    cmd: python -c \"import sys; sys.exit('disk on fire')\"\n    outs: [never.txt]\n"
+    )
+    cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(tmp_path)]
+    env = clean_env(server["home"], PREFECT_API_URL=server["url"])
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "pipeline: DVC stage 'bad' failed" in proc.stderr and "disk on fire" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    failed = {"flows": {"name": {"any_": ["dvc-pipeline"]}}, "flow_runs": {"state": {"type": {"any_": ["FAILED"]}}}}
+    (run,) = api(server["url"], "/flow_runs/filter", failed)
+    assert "DVC stage 'bad' failed" in run["state"]["message"]
 
 
 # ---------------------------------------------------------------- real stages (tiny params) against the server

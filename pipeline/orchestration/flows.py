@@ -162,6 +162,16 @@ class _NoTraceback:
         return True
 
 
+def hide_prefect_tracebacks() -> None:
+    """Keep Prefect's run loggers to one-line failure messages (the terminal and the UI alike)."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
+
+
 def _import_prefect(api_url: str | None) -> Any:
     """Import the few Prefect objects we need, configured for the server at ``api_url`` and low overhead."""
     global _prefect
@@ -198,8 +208,7 @@ def _import_prefect(api_url: str | None) -> Any:
     # At exit Prefect's event worker sends the last task-run events and warns "Still processing items" while
     # it does: expected after every short stage, not a problem.
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_NoTraceback())
+    hide_prefect_tracebacks()
     _prefect = types.SimpleNamespace(
         flow=flow,
         task=task,

@@ -108,7 +108,7 @@ def run_stage(
     run. A failure prints one line (``PIPELINE_TRACEBACK=1``: one traceback) and exits 1; a cancel from
     Prefect exits 130 with the resume state kept.
     """
-    run = StageRun(name.split("@")[0], params=declared_params(os.environ.get("DVC_STAGE") or name, params_path))
+    run = StageRun(name.split("@")[0], params=declared_params(name, params_path))
 
     def body(_run: StageRun) -> None:
         ctx, params = setup(name, params_path)
