@@ -5,14 +5,16 @@ When to use which:
 * ``dvc repro`` (or ``dvc exp run``) is the everyday entry point. It needs no server; each stage still
   reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.orchestration.flows`).
 * ``python -m pipeline.orchestrate run`` starts the pipeline from Prefect: one flow run with a task run per
-  stage (state, duration, log of each), next to the stages' own flow runs.
+  stage (state, duration, one log line each); each stage's own flow run is a subflow of its task run (the task
+  passes its id to the stage process in ``PIPELINE_PARENT_TASK_RUN``), and a stage DVC skips is a Completed
+  task run named "Skipped".
   ``python -m pipeline.orchestrate serve`` keeps a process serving that flow, so a run can be started (or
   scheduled) from the Prefect UI.
 
 DVC's cache still decides what runs: a stage whose dependencies did not change is a quick no-op (~1 s for
 DVC's check). ``--force`` re-runs the selected stages regardless. Both commands need a running server::
 
-    prefect server start --host 127.0.0.1 --port 4200
+    make prefect      # python -m pipeline.orchestration.server --port 4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
 """
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         print(
             "No Prefect server answers (PREFECT_API_URL unset or not reachable). Start one and point to it:\n"
-            "    prefect server start --host 127.0.0.1 --port 4200\n"
+            "    make prefect    # runs `prefect server start` so that it stays up offline\n"
             "    export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
             "or run the pipeline without Prefect orchestration: dvc repro",
             file=sys.stderr,
