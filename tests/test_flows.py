@@ -441,6 +441,42 @@ def test_pipeline_flow_failure_is_one_line_and_a_failed_run(server: dict, tmp_pa
     assert "DVC stage 'bad' failed" in run["state"]["message"]
 
 
+# evaluate's publishing, on a metrics dict and report of the shape pipeline.report writes.
+EVALUATE_SCRIPT = """
+import sys
+from pathlib import Path
+from pipeline.engine.context import Context
+from pipeline.engine.distributed import init_distributed
+from pipeline.orchestration.flows import StageRun
+from stages.evaluate import publish_report
+
+metrics = {"final_stage": "adapt", "gap_closed": {"adapt": 40.0},
+           "stages": {"warmup": {"miou": 30.0, "pixel_acc": 80.0}, "adapt": {"miou": 35.5, "pixel_acc": 82.0}}}
+Path("report.md").write_text("# ProDA run report\\n\\n| stage | mIoU |\\n|---|---:|\\n| adapt | 35.5 |\\n")
+run = StageRun("evaluate")
+ctx = Context("evaluate", 0, init_distributed("cpu"), [], run)
+run.run(lambda _run: publish_report(ctx, metrics, Path("report.md")))
+"""
+
+
+@needs_prefect
+def test_evaluate_publishes_its_table_and_report(server: dict, tmp_path: Path) -> None:
+    (tmp_path / "evaluate_stage.py").write_text(EVALUATE_SCRIPT)
+    env = clean_env(server["home"], PREFECT_API_URL=server["url"], DVC_STAGE="evaluate", DVC_EXP_NAME="report")
+    cmd = [sys.executable, str(tmp_path / "evaluate_stage.py")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = flow_runs_named(server["url"], "evaluate · report")
+    arts = api(server["url"], "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    by_key = {a["key"]: a for a in arts}
+    assert by_key["evaluate-report"]["type"] == "markdown"
+    assert by_key["evaluate-report"]["data"].startswith("# ProDA run report")
+    table = by_key["evaluate-table"]["data"]
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"stage": "adapt", "miou": 35.5, "pixel_acc": 82.0, "gap_closed": 40.0} in rows
+    assert {"stage": "warmup", "miou": 30.0, "pixel_acc": 80.0, "gap_closed": None} in rows
+
+
 # ---------------------------------------------------------------- real stages (tiny params) against the server
 
 # A warm-up long enough (12-25 s at tiny sizes on 2 cores) to watch and cancel: loss lines every 10 steps, an
