@@ -5,14 +5,16 @@ When to use which:
 * ``dvc repro`` (or ``dvc exp run``) is the everyday entry point. It needs no server; each stage still
   reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.orchestration.flows`).
 * ``python -m pipeline.orchestrate run`` starts the pipeline from Prefect: one flow run with a task run per
-  stage (state, duration, log of each), next to the stages' own flow runs.
+  stage (state, duration, one log line each); each stage's own flow run is a subflow of its task run (the task
+  passes its id to the stage process in ``PIPELINE_PARENT_TASK_RUN``), and a stage DVC skips is a Completed
+  task run named "Skipped".
   ``python -m pipeline.orchestrate serve`` keeps a process serving that flow, so a run can be started (or
   scheduled) from the Prefect UI.
 
 DVC's cache still decides what runs: a stage whose dependencies did not change is a quick no-op (~1 s for
 DVC's check). ``--force`` re-runs the selected stages regardless. Both commands need a running server::
 
-    prefect server start --host 127.0.0.1 --port 4200
+    make prefect      # python -m pipeline.orchestration.server --port 4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api
 """
 
@@ -23,12 +25,21 @@ import collections
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
+from prefect.states import Completed, State
 
-from pipeline.orchestration.flows import server_available
+from pipeline.orchestration.flows import (
+    PARENT_ENV,
+    TRACEBACK_ENV,
+    git_commit,
+    hide_prefect_tracebacks,
+    server_available,
+)
 
 TAIL_LINES = 40
 
@@ -60,38 +71,79 @@ def stage_order(repo_root: str | os.PathLike[str] = ".") -> list[str]:
         return [address(s) for s in ordered if isinstance(s, PipelineStage)]
 
 
-def repro_stage(stage: str, repo_root: str | os.PathLike[str], force: bool = False) -> str:
-    """Run ``dvc repro --single-item [--force] <stage>``, echoing its output; "skipped" if DVC's cache was hit.
+# DVC's closing hints after every `dvc repro`: noise when the orchestrating flow runs one stage at a time.
+DVC_HINTS = (
+    "Use `dvc push` to send your updates to remote storage.",
+    "To track the changes with git, run:",
+    "To enable auto staging, run:",
+    "git add ",
+    "dvc config core.autostage true",
+)
 
-    Raises :class:`StageFailed` with the stage name, exit code and the last lines of output (stderr merged
-    into stdout, so a traceback lands in the tail) on a non-zero exit.
+
+def _is_hint(line: str) -> bool:
+    return line.strip().startswith(DVC_HINTS)
+
+
+def repro_stage(
+    stage: str, repo_root: str | os.PathLike[str], force: bool = False, env: dict[str, str] | None = None
+) -> str:
+    """Run ``dvc repro --single-item [--force] <stage>``; "skipped" if DVC's cache was hit, else "ran".
+
+    The stage's output goes to this process's stdout as it comes (a progress bar stays one line), without DVC's
+    git/push hints; it is not copied into Prefect logs (the stage's own flow run has them). Raises
+    :class:`StageFailed` with the stage name, exit code and the last lines of output (stderr merged into stdout,
+    so the error lands in the tail) on a non-zero exit.
     """
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
     skipped = False
+    out = sys.stdout.buffer
     with subprocess.Popen(
-        cmd,
-        cwd=os.fspath(repo_root),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
+        cmd, cwd=os.fspath(repo_root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:  # streamed, so a long stage's progress shows up while it runs
-            line = line.rstrip()
-            if line:  # DVC's blank spacer lines would be empty Prefect log entries
-                print(line, flush=True)
-                tail.append(line)
-            skipped |= "didn't change, skipping" in line
+        buf, echoed = b"", 0  # bytes of the current line already written out (a progress bar's refreshes)
+        while chunk := proc.stdout.read1(65536):
+            buf += chunk
+            while (end := buf.find(b"\n")) >= 0:
+                raw, buf = buf[: end + 1], buf[end + 1 :]
+                line = raw.decode(errors="replace").rstrip("\n").rsplit("\r", 1)[-1].rstrip()
+                if not _is_hint(line):
+                    out.write(raw[echoed:])
+                    if line:
+                        tail.append(line)
+                echoed = 0
+                skipped |= "didn't change, skipping" in line
+            if b"\r" in buf[echoed:]:  # a progress bar refreshing its line: show it now
+                out.write(buf[echoed:])
+                echoed = len(buf)
+            out.flush()
+        if buf[echoed:]:
+            out.write(buf[echoed:])
+            out.flush()
     if proc.returncode != 0:
-        raise StageFailed(f"DVC stage {stage!r} failed (exit {proc.returncode}); last output:\n" + "\n".join(tail))
+        # 130: the stage's own flow run was cancelled (or Ctrl-C); its resume state is kept.
+        what = "was cancelled" if proc.returncode == 130 else "failed"
+        raise StageFailed(f"DVC stage {stage!r} {what} (exit {proc.returncode}); last output:\n" + "\n".join(tail))
     return "skipped" if skipped else "ran"
 
 
-@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False, log_prints=True)
-def repro_stage_task(stage: str, repo_root: str, force: bool = False) -> str:
-    return repro_stage(stage, repo_root, force)
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def repro_stage_task(stage: str, repo_root: str, force: bool = False) -> State:
+    """One stage as a task run; the stage's own flow run becomes its subflow, and a cache hit is a Completed
+    state named "Skipped" (filter on it in the UI)."""
+    logger = get_run_logger()
+    # The stage process links its flow run to this task run (pipeline.orchestration.flows.PARENT_ENV).
+    env = {**os.environ, PARENT_ENV: str(TaskRunContext.get().task_run.id)}
+    start = time.perf_counter()
+    result = repro_stage(stage, repo_root, force, env)
+    seconds = time.perf_counter() - start
+    if result == "skipped":
+        logger.info(f"{stage}: skipped, DVC's cache is up to date ({seconds:.1f} s)")
+        return Completed(name="Skipped", message="DVC cache up to date: nothing to run", data="skipped")
+    logger.info(f"{stage}: ran in {seconds:.1f} s")
+    return Completed(message=f"ran in {seconds:.1f} s", data="ran")
 
 
 def _select(order: list[str], stages: list[str] | None) -> list[str]:
@@ -105,7 +157,15 @@ def _select(order: list[str], stages: list[str] | None) -> list[str]:
     return picked
 
 
-@flow(name="dvc-pipeline", log_prints=True, persist_result=False)
+def _run_name() -> str:
+    """``dvc-pipeline · <commit of the repo it runs>``, like the stages' own flow runs."""
+    from prefect.runtime import flow_run
+
+    root = flow_run.parameters.get("repo_root", ".")
+    return f"dvc-pipeline · {git_commit(root) or time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="dvc-pipeline", flow_run_name=_run_name, persist_result=False)
 def pipeline_flow(repo_root: str = ".", stages: list[str] | None = None, force: bool = False) -> dict[str, str]:
     """Reproduce the DVC pipeline stage by stage (dependencies first); stop at the first failing stage.
 
@@ -115,8 +175,10 @@ def pipeline_flow(repo_root: str = ".", stages: list[str] | None = None, force: 
     root = str(Path(repo_root).resolve())
     results: dict[str, str] = {}
     for stage in _select(stage_order(root), stages):
-        results[stage] = repro_stage_task(stage, root, force)
-    print("pipeline: " + ", ".join(f"{s}={r}" for s, r in results.items()))
+        state = repro_stage_task(stage, root, force, return_state=True)
+        state.result()  # raises StageFailed: the flow stops at the first failing stage
+        results[stage] = "skipped" if state.name == "Skipped" else "ran"
+    get_run_logger().info("pipeline: " + ", ".join(f"{s}={r}" for s, r in results.items()))
     return results
 
 
@@ -136,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         print(
             "No Prefect server answers (PREFECT_API_URL unset or not reachable). Start one and point to it:\n"
-            "    prefect server start --host 127.0.0.1 --port 4200\n"
+            "    make prefect    # runs `prefect server start` so that it stays up offline\n"
             "    export PREFECT_API_URL=http://127.0.0.1:4200/api\n"
             "or run the pipeline without Prefect orchestration: dvc repro",
             file=sys.stderr,
@@ -145,8 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     # Stage processes inherit this, so their flow runs go to the same server as this one.
     os.environ["PREFECT_API_URL"] = url
     repo = str(Path(args.repo).resolve())
+    if not os.environ.get(TRACEBACK_ENV):
+        hide_prefect_tracebacks()
     if args.command == "run":
-        pipeline_flow(repo_root=repo, stages=args.stage, force=args.force)
+        try:
+            pipeline_flow(repo_root=repo, stages=args.stage, force=args.force)
+        except (StageFailed, ValueError) as err:  # the flow run is Failed with this message; no traceback
+            print(f"pipeline: {err}", file=sys.stderr, flush=True)
+            return 1
     else:
         pipeline_flow.serve(name=args.name, parameters={"repo_root": repo})
     return 0

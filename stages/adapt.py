@@ -38,4 +38,4 @@ if __name__ == "__main__":
     ap.add_argument("--prototypes", type=Path, required=True, help="initial prototypes")
     ap.add_argument("--rectified-metrics", type=Path, required=True, help="raw vs rectified label quality JSON")
     args = ap.parse_args()
-    run_stage("adapt", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage("adapt", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics, args.rectified_metrics])

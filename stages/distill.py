@@ -30,4 +30,4 @@ if __name__ == "__main__":
     ap.add_argument("--teacher", type=Path, required=True, help="model file of the round's teacher")
     ap.add_argument("--labels", type=Path, required=True, help="the teacher's pseudo-label store")
     args = ap.parse_args()
-    run_stage(f"distill@{args.round}", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage(f"distill@{args.round}", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

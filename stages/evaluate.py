@@ -13,7 +13,7 @@ from pipeline.config import Params
 from pipeline.engine.context import Context, Data
 from pipeline.orchestration.stage import run_stage, stage_parser
 from pipeline.report.evaluation import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
-from pipeline.report.render import ReportOutputs, write_outputs
+from pipeline.report.render import REPORT_MD, ReportOutputs, write_outputs
 from pipeline.report.summary import format_summary
 
 
@@ -56,7 +56,24 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> None:
     report = build_report(ctx, data, models, stores, final_stage(params), ev.batch_size, ev.n_overlays)
     if ctx.info.is_main:
         out = ReportOutputs(metrics=args.metrics, plots=args.plots, reports=args.reports)
-        print(format_summary(write_outputs(report, out)), flush=True)
+        metrics = write_outputs(report, out)
+        print(format_summary(metrics), flush=True)
+        publish_report(ctx, metrics, args.reports / REPORT_MD)
+
+
+def publish_report(ctx: Context, metrics: dict, report_md: Path) -> None:
+    """The final table and the Markdown report as Prefect artifacts of the flow run (nothing without a server)."""
+    if ctx.run is None:
+        return
+    gaps = metrics.get("gap_closed", {})
+    rows = [
+        {"stage": name, "miou": m.get("miou"), "pixel_acc": m.get("pixel_acc"), "gap_closed": gaps.get(name)}
+        for name, m in metrics.get("stages", {}).items()
+    ]
+    ctx.run.publish_table(
+        "table", rows, f"mIoU / pixel accuracy on target val per stage; final: {metrics.get('final_stage')}"
+    )
+    ctx.run.publish_markdown("report", report_md.read_text(), f"the run's report ({report_md})")
 
 
 if __name__ == "__main__":
@@ -68,4 +85,4 @@ if __name__ == "__main__":
     ap.add_argument("--plots", type=Path, required=True)
     ap.add_argument("--reports", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("evaluate", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage("evaluate", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

@@ -21,4 +21,4 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = training_args(stage_parser(__doc__)).parse_args()
-    run_stage("oracle", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage("oracle", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

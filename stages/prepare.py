@@ -23,4 +23,4 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True, help="folder of the manifests")
     ap.add_argument("--metrics", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("prepare", lambda ctx, params: main(ctx, params, args.out, args.metrics), args.params)
+    run_stage("prepare", lambda ctx, params: main(ctx, params, args.out, args.metrics), args.params, [args.metrics])

@@ -36,4 +36,4 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True, help="prototype file to write")
     ap.add_argument("--metrics", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("prototypes", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage("prototypes", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

@@ -49,4 +49,4 @@ if __name__ == "__main__":
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
     args = ap.parse_args()
-    run_stage(f"teacher@{args.round}", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage(f"teacher@{args.round}", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

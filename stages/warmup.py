@@ -25,4 +25,4 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
 
 if __name__ == "__main__":
     args = training_args(stage_parser(__doc__)).parse_args()
-    run_stage("warmup", lambda ctx, params: main(ctx, params, args), args.params)
+    run_stage("warmup", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +31,45 @@ def load(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign file: say which
-        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+        with warnings.catch_warnings():  # torch warns "please file an issue" about foreign pickle protocols
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or foreign file: say which, in one line, without torch's advice
+        raise CheckpointError(f"cannot load checkpoint {path}: {unreadable_reason(err)}") from None
+
+
+def unreadable_reason(err: Exception) -> str:
+    """Why torch could not read a file, in a few words. torch's own text for a foreign or corrupt file
+    suggests ``weights_only=False`` ("arbitrary code execution") and filing an issue: wrong advice here."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+            return f"not a file written by this pipeline (it holds a Python object, {found.group(1)})"
+        return "corrupt, or not a PyTorch checkpoint (unreadable pickle data)"
+    if isinstance(err, EOFError) or "central directory" in text or "zip archive" in text:
+        return "corrupt or truncated (not a complete PyTorch file)"
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
 
 
 def fingerprint(*parts: Any) -> str:
     """Hash of a stage's inputs (params sections, input file hashes) so stale resume state is never used."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def loadable(obj: Any) -> Any:
+    """``obj`` with numpy arrays and scalars turned into tensors and Python numbers, recursively: what
+    ``weights_only`` loading accepts (a numpy array in resume state made the state unreadable on resume)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: loadable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(loadable(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def rng_state() -> dict:

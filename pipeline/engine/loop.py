@@ -27,6 +27,7 @@ from pipeline.data.datasets import index_seed
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, unwrap
 from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.orchestration.flows import Monitor, StageCancelled, monitor
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -285,6 +286,9 @@ def fit(
         m.train()
     model = modules["model"]
     bar = tqdm(total=p.iters, initial=start, desc=name, disable=not info.is_main, dynamic_ncols=True)
+    # Live reporting to the stage's Prefect flow run (a no-op without a server, and on ranks other than 0).
+    mon = monitor()
+    mon.start(name, p.iters, start)
     img_count, t_last = 0, time.time()
     logs_sum: dict[str, float] = {}
     for it in range(start, p.iters):
@@ -296,7 +300,7 @@ def fit(
             with autocast(info.device, p.amp):
                 loss, logs = task.loss(batch, it)
             if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"[{name}] loss is {float(loss)} at iteration {it}: {logs}")
+                raise FloatingPointError(f"[{name}] loss is {loss.item()} at iteration {it}: {logs}")
             (loss / p.accum_steps).backward()
             for k, v in {**logs, "loss": loss.item()}.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v / p.accum_steps
@@ -312,34 +316,55 @@ def fit(
             if step % p.log_every == 0 or step == p.iters:
                 dt = max(time.time() - t_last, 1e-9)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"})
+                mon.train_log(step, p.iters, {**logs_sum, "lr": first_lr, "img/s": img_count / dt})
                 img_count, t_last = 0, time.time()
                 curves.write(step, {**logs_sum, "lr": first_lr})
         if evaluator is not None and p.eval_every and step % p.eval_every == 0 and step < p.iters:
             metrics = evaluator(unwrap(model))
             history.append({"step": step, "miou": metrics["miou"]})
             if info.is_main:
+                mon.eval_log(step, p.iters, metrics)
                 evals.write(step, {"miou": metrics["miou"]})
                 if best_metrics is None or metrics["miou"] > best_metrics["miou"]:
                     best_metrics = {**metrics, "step": step}
                     export("best", unwrap(model), best_metrics)
-        if step % p.ckpt_every == 0 and step < p.iters:
+        saved = step % p.ckpt_every == 0 and step < p.iters
+        if saved:
             _save_state(task, streams, info, state_path, fingerprint, step, best_metrics, history)
+        if step < p.iters and _stop_requested(mon, info):
+            # Cancelled from Prefect: keep the work done so far as resume state, then stop (non-zero exit).
+            if not saved:
+                _save_state(task, streams, info, state_path, fingerprint, step, best_metrics, history)
+            bar.close()
+            mon.finish(step, p.iters)
+            raise StageCancelled(f"[{name}] cancelled at iteration {step}/{p.iters}; resume state kept in {state_path}")
     bar.close()
     final = evaluator(unwrap(model)) if evaluator is not None else {}
     if info.is_main:
         if final:
+            mon.eval_log(p.iters, p.iters, final)
             history.append({"step": p.iters, "miou": final["miou"]})
             evals.write(p.iters, {"miou": final["miou"]})
         if best_metrics is None or (final and final["miou"] >= best_metrics["miou"]):
             best_metrics = {**final, "step": p.iters} if final else None
             export("best", unwrap(model), best_metrics)
         export("last", unwrap(model), final)
+    mon.finish(p.iters, p.iters)
     barrier()
     if info.is_main and resume_dir.exists():
         shutil.rmtree(resume_dir)  # finished: resume state would only be stale from now on
     return FitResult(
         final, best_metrics, history, time.time() - t0, start, {k: round(v, 6) for k, v in logs_sum.items()}
     )
+
+
+def _stop_requested(mon: Monitor, info: DistInfo) -> bool:
+    """Whether to stop at this step boundary; under DDP rank 0 decides for all ranks (one scalar all-reduce)."""
+    stop = mon.stop_requested()
+    if not info.enabled:
+        return stop
+    flag = torch.tensor([1.0 if stop else 0.0], device=info.device if info.device.type == "cuda" else "cpu")
+    return bool(all_reduce_sum(flag).item() > 0)
 
 
 def _save_state(task, streams, info, path, fingerprint, step, best, history) -> None:
@@ -359,8 +384,9 @@ def _save_state(task, streams, info, path, fingerprint, step, best, history) -> 
                 "extras": {k: e.state_dict() for k, e in task.extras().items()},
                 "streams": {k: s.state_dict() for k, s in streams.items()},
                 "rng": rng,
-                "best": best,
-                "history": history,
+                # Evaluation metrics carry numpy arrays (per-class IoU): stored as tensors, loadable on resume.
+                "best": ckpt.loadable(best),
+                "history": ckpt.loadable(history),
             },
             path,
         )

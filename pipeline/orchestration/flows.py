@@ -20,27 +20,34 @@ task graph. ``run(main)`` wraps ``main`` in ``flow(...)`` and calls it with this
 Modes, decided once per process by :func:`server_available`:
 
 * **server mode** (``PREFECT_API_URL`` or the active Prefect profile names a server whose ``/health``
-  answers 200): ``main`` runs inside a flow run named after the DVC stage, each ``step`` is a task run
-  (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's argument hashing would return stale
-  results for changed files), ``print`` goes to the Prefect logs (``log_prints=True``), metrics become
-  table artifacts. Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU per stage process,
-  2.3-3 s wall under load; most of it is ``import prefect``.
+  answers 200): ``main`` runs inside a flow run named ``<DVC stage> · <experiment or commit>``, tagged
+  ``dvc-stage``, ``stage:<name>`` (and ``exp:<name>``), whose parameters are the ``params`` given (the stage's
+  own sections). Each ``step`` is a task run (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's
+  argument hashing would return stale results for changed files), ``print`` goes to the Prefect logs
+  (``log_prints=True``), metrics become table artifacts. During training the loop reports through
+  :func:`monitor` (a :class:`LiveMonitor`): loss lines at the log interval, each evaluation, a progress
+  artifact, and a cancel check (flow run set to Cancelling -> :class:`StageCancelled` at the next step
+  boundary -> a Cancelled flow run). Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU
+  per stage process, 2.3-3 s wall under load; most of it is ``import prefect``.
 * **no-server mode** (nothing configured, nothing answering, ``PIPELINE_PREFECT=0``, or a torchrun rank
   other than 0): Prefect is never imported (the import alone costs 1.2-2.5 s, and a flow without a server
   would start a temporary server, 13-23 s). ``main`` and the steps are called directly; metrics are only
-  logged. Overhead ~0.1 s.
+  logged; the monitor does nothing. Overhead ~0.1 s.
 
 Limits: a server that goes away in the middle of a stage makes Prefect's client calls fail, which fails the
-stage. A SIGKILLed stage leaves its flow run "Running" (heartbeats are off: they cost ~1 s per stage).
-``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after ``run`` returns or raises.
+stage (the monitor's own requests never do). A SIGKILLed stage leaves its flow run "Running" (heartbeats are
+off: they cost ~1 s per stage). ``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after
+``run`` returns or raises.
 Only the environment and the profile file are read for the API URL, not ``prefect.toml`` or ``.env``.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 import tomllib
@@ -54,6 +61,10 @@ T = TypeVar("T")
 
 #: Set to 0/false/off to run every stage without Prefect even when a server answers.
 DISABLE_ENV = "PIPELINE_PREFECT"
+#: Set (to anything) to see one traceback of a failing stage; without it a failure is one line.
+TRACEBACK_ENV = "PIPELINE_TRACEBACK"
+#: Id of the task run this stage's flow run belongs to as a subflow (set by ``pipeline.orchestrate``).
+PARENT_ENV = "PIPELINE_PARENT_TASK_RUN"
 
 # Prefect rejects these characters in flow and task names.
 _BANNED_NAME_CHARS = re.compile(r"[/%&><]")
@@ -141,6 +152,26 @@ def _fmt(value: Any) -> str:
 _prefect: Any = None  # namespace of the Prefect objects we use, imported once on first need
 
 
+class _NoTraceback:
+    """Logging filter: Prefect's engines log a failing task's and flow's traceback (twice, plus Python's own at
+    exit). Their one-line messages stay; the stage entry point prints the one traceback when
+    ``PIPELINE_TRACEBACK=1`` asks for it."""
+
+    def filter(self, record: Any) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def hide_prefect_tracebacks() -> None:
+    """Keep Prefect's run loggers to one-line failure messages (the terminal and the UI alike)."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
+
+
 def _import_prefect(api_url: str | None) -> Any:
     """Import the few Prefect objects we need, configured for the server at ``api_url`` and low overhead."""
     global _prefect
@@ -163,11 +194,13 @@ def _import_prefect(api_url: str | None) -> Any:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        from prefect import flow, get_client, task
-        from prefect.artifacts import create_table_artifact
+        from prefect import flow, get_client, get_run_logger, task
+        from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
         from prefect.cache_policies import NO_CACHE
-        from prefect.context import FlowRunContext
+        from prefect.context import FlowRunContext, TaskRunContext
+        from prefect.flow_engine import run_flow_sync
         from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect.states import Cancelled, Completed
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -175,13 +208,21 @@ def _import_prefect(api_url: str | None) -> Any:
     # At exit Prefect's event worker sends the last task-run events and warns "Still processing items" while
     # it does: expected after every short stage, not a problem.
     logging.getLogger("EventsWorker").setLevel(logging.ERROR)
+    hide_prefect_tracebacks()
     _prefect = types.SimpleNamespace(
         flow=flow,
         task=task,
         get_client=get_client,
+        get_run_logger=get_run_logger,
         FlowRunContext=FlowRunContext,
+        TaskRunContext=TaskRunContext,
         NO_CACHE=NO_CACHE,
+        Cancelled=Cancelled,
+        Completed=Completed,
+        run_flow_sync=run_flow_sync,
         create_table_artifact=create_table_artifact,
+        create_markdown_artifact=create_markdown_artifact,
+        create_progress_artifact=create_progress_artifact,
         # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit (~1 s per stage); heartbeats
         # only feed Prefect's optional zombie-run automation. The environment cannot set it to null.
         no_heartbeats=lambda: temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
@@ -189,11 +230,149 @@ def _import_prefect(api_url: str | None) -> Any:
     return _prefect
 
 
+# ------------------------------------------------------------------------------------------ live training
+
+
+class StageCancelled(Exception):
+    """The stage's flow run was cancelled (from the UI or the API); raised at a training step boundary after the
+    resume state was written, so a rerun continues from there."""
+
+
+class Monitor:
+    """What the training loop reports while it runs; this base class is the no-server version and does nothing.
+
+    The loop calls :func:`monitor` once per ``fit`` and then these methods; none of them costs anything
+    measurable per step (``stop_requested`` is a clock read between polls).
+    """
+
+    def start(self, name: str, total: int, initial: int) -> None:
+        """Training of ``total`` iterations starts (or resumes) at iteration ``initial``."""
+
+    def train_log(self, step: int, total: int, values: Mapping[str, float]) -> None:
+        """Losses, learning rate and throughput at a log interval (``optim.log_every``)."""
+
+    def eval_log(self, step: int, total: int, metrics: Mapping[str, Any]) -> None:
+        """A periodic evaluation's metrics."""
+
+    def stop_requested(self) -> bool:
+        """Whether the run was cancelled; the loop stops at the step boundary where this turns true."""
+        return False
+
+    def finish(self, step: int, total: int) -> None:
+        """Training ended (normally, or stopped at ``step``)."""
+
+
+_NO_MONITOR = Monitor()
+_active_monitor: Monitor = _NO_MONITOR
+
+
+def monitor() -> Monitor:
+    """The running stage's monitor: live reporting to its Prefect flow run in server mode, a no-op otherwise."""
+    return _active_monitor
+
+
+class LiveMonitor(Monitor):
+    """Reports a training stage to its Prefect flow run as it trains.
+
+    Log lines go through Prefect's run logger (sent to the server in the background every ~2 s). The progress
+    artifact and the cancel check are one small HTTP request each, made from the training thread at most every
+    ``POLL_SECONDS`` (~10 ms per poll: < 1% of a step-bound loop, nothing per step).
+    """
+
+    POLL_SECONDS = 2.0
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+        self.logger: Any = None
+        self.name = run.name  # the loop's run name (e.g. "distill@1"), set by start
+        self.artifact_id: str | None = None
+        self.progress = 0.0
+        self.sent_progress = -1.0
+        self.next_poll = 0.0
+        self.cancelled = False
+
+    def _say(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger.info(line)
+        else:
+            print(line, flush=True)
+
+    def start(self, name: str, total: int, initial: int) -> None:
+        pf = _import_prefect(self.run.api_url)
+        self.name = name
+        try:
+            self.logger = pf.get_run_logger()
+        except Exception:  # outside a run context (a plain call of fit): print instead
+            self.logger = None
+        self.progress = 100.0 * initial / max(total, 1)
+        try:
+            self.artifact_id = str(
+                pf.create_progress_artifact(
+                    progress=self.progress,
+                    key=f"{self.run.key}-progress",
+                    description=f"training progress of {self.run.run_name} (% of {total} iterations)",
+                )
+            )
+        except Exception as exc:  # monitoring must never stop training
+            print(f"could not create the progress artifact: {exc}", file=sys.stderr)
+        self.sent_progress = self.progress
+        self.next_poll = time.monotonic() + self.POLL_SECONDS
+        what = f"resuming at iteration {initial}" if initial else "starting"
+        self._say(f"[{name}] training: {what} of {total}")
+
+    def train_log(self, step: int, total: int, values: Mapping[str, float]) -> None:
+        self.progress = 100.0 * step / max(total, 1)
+        parts = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        self._say(f"[{self.name}] step {step}/{total} {parts}")
+
+    def eval_log(self, step: int, total: int, metrics: Mapping[str, Any]) -> None:
+        shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.startswith("_")}
+        parts = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+        self._say(f"[{self.name}] eval at step {step}/{total}: {parts}")
+
+    def stop_requested(self) -> bool:
+        if self.cancelled or time.monotonic() < self.next_poll:
+            return self.cancelled
+        self.next_poll = time.monotonic() + self.POLL_SECONDS
+        self._push_progress()
+        state = self.run.api_get(f"/flow_runs/{self.run.flow_run_id}")
+        if state and state.get("state_type") in ("CANCELLING", "CANCELLED"):
+            self.cancelled = True
+            self._say(f"[{self.name}] cancel requested: stopping at this step boundary")
+        return self.cancelled
+
+    def _push_progress(self) -> None:
+        if self.artifact_id and self.progress != self.sent_progress:
+            if self.run.api_call("PATCH", f"/artifacts/{self.artifact_id}", {"data": round(self.progress, 2)}):
+                self.sent_progress = self.progress
+
+    def finish(self, step: int, total: int) -> None:
+        self.progress = 100.0 * step / max(total, 1)
+        self._push_progress()
+
+
+# ------------------------------------------------------------------------------------------- stage runs
+
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """Short commit of the code run in ``cwd`` (an experiment's baseline under ``dvc exp run``), or None."""
+    if rev := os.environ.get("DVC_EXP_BASELINE_REV"):
+        return rev[:7]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=7", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 class StageRun:
     """One execution of a pipeline stage; a Prefect flow run when a server answers.
 
-    ``name`` is the stage's name (the Prefect flow name: all runs of a stage group under it).
-    ``params`` are shown with the run: as a table artifact ``<stage>-params`` in server mode.
+    ``name`` is the stage's name (the Prefect flow name: all runs of a stage group under it); the flow run is
+    named ``<DVC stage> · <experiment or commit>``. ``params`` become the flow run's parameters: pass the
+    stage's own sections (what dvc.yaml declares for it), so the UI shows what an experiment changed.
     The mode is decided here, by :func:`server_available`; ``api_url`` is None in no-server mode.
     """
 
@@ -201,60 +380,98 @@ class StageRun:
         self.name = name
         self.params = dict(params or {})
         self.api_url = server_available()
-        # DVC sets DVC_STAGE (its addressing, e.g. "train@gta") in every stage command, DVC_EXP_NAME under
+        self.flow_run_id: str | None = None
+        self.commit = git_commit()
+        # DVC sets DVC_STAGE (its addressing, e.g. "distill@1") in every stage command, DVC_EXP_NAME under
         # `dvc exp run`: name runs after them so the UI lists them as DVC does.
-        stage = os.environ.get("DVC_STAGE")
-        exp = os.environ.get("DVC_EXP_NAME")
-        if stage or exp:
-            self.run_name = ":".join(x for x in (exp, stage or name) if x)
-        else:
-            self.run_name = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.key = slug(stage or name)  # artifact keys: one series per stage (and foreach item)
+        stage = os.environ.get("DVC_STAGE") or name
+        self.exp = os.environ.get("DVC_EXP_NAME")
+        self.run_name = f"{stage} · {self.exp or self.commit or time.strftime('%Y%m%d-%H%M%S')}"
+        self.key = slug(stage)  # artifact keys: one series per stage (and foreach item)
+        self._headers: dict[str, str] = {}
+        if self.api_url:
+            profile = _active_profile() if not os.environ.get("PREFECT_API_URL") else {}
+            if key := _setting("PREFECT_API_KEY", profile):
+                self._headers["Authorization"] = f"Bearer {key}"
+            elif auth := _setting("PREFECT_API_AUTH_STRING", profile):
+                self._headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
 
     @property
     def server_mode(self) -> bool:
         return self.api_url is not None
 
+    @property
+    def tags(self) -> list[str]:
+        tags = ["dvc-stage", f"stage:{self.name}"]
+        if self.exp:
+            tags.append(f"exp:{self.exp}")
+        return tags
+
+    def info(self) -> dict[str, str]:
+        """What metrics files record about this run: the git commit and, in server mode, the flow run id."""
+        out = {"commit": self.commit or "unknown"}
+        if self.flow_run_id:
+            out["flow_run"] = self.flow_run_id
+        return out
+
     def run(self, main: Callable[[StageRun], T]) -> T:
         """Call ``main(self)``, inside a Prefect flow run in server mode; return its result.
 
-        An exception from ``main`` marks the flow run Failed and is re-raised unchanged.
+        An exception from ``main`` marks the flow run Failed (``StageCancelled``: Cancelled) and is re-raised
+        after the flow run has ended. ``PIPELINE_PARENT_TASK_RUN`` (set by ``pipeline.orchestrate``) makes the
+        flow run a subflow of that task run.
         """
+        global _active_monitor
         if not self.server_mode:
             return main(self)
         pf = _import_prefect(self.api_url)
+        outcome: dict[str, Any] = {}
 
-        def stage_flow() -> T:
-            self._tag_flow_run(pf)
-            # Parameters go to an artifact, not to flow parameters: serialising those imports FastAPI
-            # (~0.3 s), and a params dict is not always JSON-able.
-            if self.params:
-                self._artifact("params", self.params, "Parameters of this stage run")
-            return main(self)
+        def stage_flow() -> Any:
+            try:
+                outcome["result"] = main(self)
+            except StageCancelled as exc:
+                outcome["error"] = exc
+                return pf.Cancelled(message=str(exc))
+            except BaseException as exc:
+                outcome["error"] = exc
+                raise
+            return None  # the result stays in this process: nothing to serialise
 
         wrapped = pf.flow(
             stage_flow,
             name=_BANNED_NAME_CHARS.sub("-", self.name),
-            flow_run_name=lambda: _BANNED_NAME_CHARS.sub("-", self.run_name),  # a str would be .format()-ed
             log_prints=True,
             persist_result=False,  # stage outputs are DVC's business; don't pickle them under PREFECT_HOME
             validate_parameters=False,
         )
-        with pf.no_heartbeats():
-            return wrapped()
-
-    @staticmethod
-    def _tag_flow_run(pf: Any) -> None:
-        # Tagged after creation, on the flow run only: a `tags()` context would tag every task run too, and
-        # a tagged task run asks the server for tag concurrency slots (~0.4 s for the first task).
-        tags = ["dvc-stage"]
-        if exp := os.environ.get("DVC_EXP_NAME"):
-            tags.append(f"exp:{exp}")
+        # The flow run is created here, not by the call, to give it parameters, tags and a parent task run in
+        # one request; the engine then runs that flow run.
+        with pf.get_client(sync_client=True) as client:
+            flow_run = client.create_flow_run(
+                wrapped,
+                name=_BANNED_NAME_CHARS.sub("-", self.run_name),
+                parameters=self.params,
+                tags=self.tags,
+                parent_task_run_id=os.environ.get(PARENT_ENV) or None,
+            )
+        self.flow_run_id = str(flow_run.id)
+        _active_monitor = LiveMonitor(self)
         try:
+            with pf.no_heartbeats():
+                state = pf.run_flow_sync(wrapped, flow_run=flow_run, return_type="state")
+        finally:
+            _active_monitor = _NO_MONITOR
+        if "error" in outcome:
+            raise outcome["error"]
+        if state.name == "Cancelling":
+            # Cancel requested after the work was done (a non-training stage, or a training stage's final
+            # evaluation): the server kept Cancelling over Completed and would show it for ever. The stage
+            # finished and DVC records it, so say so.
             with pf.get_client(sync_client=True) as client:
-                client.update_flow_run(pf.FlowRunContext.get().flow_run.id, tags=tags)
-        except Exception as exc:  # cosmetic: never fail a stage over a tag
-            print(f"could not tag the flow run: {exc}", file=sys.stderr)
+                done = pf.Completed(message="cancel requested after the stage had finished its work")
+                client.set_flow_run_state(flow_run.id, done, force=True)
+        return outcome.get("result")
 
     def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` as step ``name``, a task run in server mode; return its result."""
@@ -264,14 +481,30 @@ class StageRun:
             print(f"[{self.name}] step {name} done in {time.perf_counter() - start:.1f} s", flush=True)
             return result
         pf = _import_prefect(self.api_url)
+        raised: list[BaseException] = []
+
+        def body(*a: Any, **kw: Any) -> Any:
+            try:
+                return fn(*a, **kw)
+            except StageCancelled as exc:  # a Cancelled task run, not a Failed one
+                raised.append(exc)
+                return pf.Cancelled(message=str(exc))
+            except BaseException as exc:  # re-raised as is below, whatever Prefect makes of it
+                raised.append(exc)
+                raise
+
+        body.__name__ = getattr(fn, "__name__", name)
         task = pf.task(
-            fn,
+            body,
             name=_BANNED_NAME_CHARS.sub("-", name),
             cache_policy=pf.NO_CACHE,
             persist_result=False,
             log_prints=True,
         )
-        return task(*args, **kwargs)
+        state = task(*args, return_state=True, **kwargs)
+        if raised:
+            raise raised[0]
+        return state.result()
 
     def publish_metrics(self, name: str, metrics: Mapping[str, Any]) -> None:
         """Log ``metrics`` in one line and, in server mode, publish them as table artifact ``<stage>-<name>``.
@@ -283,10 +516,40 @@ class StageRun:
         if self.server_mode:
             self._artifact(name, flat, f"{name} metrics of stage {self.run_name}")
 
+    def publish_table(self, name: str, rows: list[dict[str, Any]], description: str) -> None:
+        """A table artifact ``<stage>-<name>`` (rows of column -> value) in server mode; nothing otherwise."""
+        if self.server_mode:
+            pf = _import_prefect(self.api_url)
+            pf.create_table_artifact(rows, key=f"{self.key}-{slug(name)}", description=description)
+
+    def publish_markdown(self, name: str, markdown: str, description: str) -> None:
+        """A Markdown artifact ``<stage>-<name>`` in server mode; nothing otherwise."""
+        if self.server_mode:
+            pf = _import_prefect(self.api_url)
+            pf.create_markdown_artifact(markdown, key=f"{self.key}-{slug(name)}", description=description)
+
     def _artifact(self, name: str, values: Mapping[str, Any], description: str) -> None:
-        pf = _import_prefect(self.api_url)
         rows = [
             {"name": k, "value": v if isinstance(v, int | float | str | bool | None) else str(v)}
             for k, v in _flatten(values).items()
         ]
-        pf.create_table_artifact(rows, key=f"{self.key}-{slug(name)}", description=description)
+        self.publish_table(name, rows, description)
+
+    def api_call(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> Any:
+        """One request to the Prefect REST API; the decoded JSON answer, or None on any error (never raises:
+        monitoring must not stop a stage)."""
+        if not self.api_url:
+            return None
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
+        request = urllib.request.Request(f"{self.api_url}{path}", data=data, headers=headers, method=method)
+        try:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(request, timeout=5) as response:
+                raw = response.read()
+            return json.loads(raw) if raw else {}
+        except (OSError, ValueError):
+            return None
+
+    def api_get(self, path: str) -> Any:
+        return self.api_call("GET", path)
