@@ -9,7 +9,6 @@ optimizers, EMA/prototypes, RNG, data position, iteration) and ends where an uni
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -204,7 +203,8 @@ class Task(Protocol):
 
     def extras(self) -> dict[str, Any]: ...  # objects with state_dict/load_state_dict (EMA, prototypes)
 
-    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    # Log terms: 0-d tensors (read on the host only at log intervals) or floats.
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...
 
     def after_step(self, it: int) -> None: ...
 
@@ -291,29 +291,42 @@ def fit(
     mon.start(name, p.iters, start)
     img_count, t_last = 0, time.time()
     logs_sum: dict[str, float] = {}
+    # Losses and log terms stay on the device between log intervals: no host sync per step on a GPU. A
+    # non-finite loss is therefore caught at the next log interval (every step on the CPU, where it is free).
+    check_every = 1 if info.device.type == "cpu" else p.log_every
+    first_bad: torch.Tensor | None = None
     for it in range(start, p.iters):
         for o in task.optimizers().values():
             apply_poly(o, it, p.iters, p.poly_power)
-        logs_sum = {}
+        logs_acc: dict[str, torch.Tensor | float] = {}
         for _ in range(p.accum_steps):
             batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
             with autocast(info.device, p.amp):
                 loss, logs = task.loss(batch, it)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"[{name}] loss is {loss.item()} at iteration {it}: {logs}")
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = bad if first_bad is None else first_bad | bad
             (loss / p.accum_steps).backward()
-            for k, v in {**logs, "loss": loss.item()}.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + v / p.accum_steps
+            for k, v in {**logs, "loss": loss.detach()}.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v / p.accum_steps
             img_count += sum(b["image"].shape[0] for b in batch.values())
+        step = it + 1
+        log_now = step % p.log_every == 0 or step == p.iters
+        if (step % check_every == 0 or log_now) and bool(first_bad):
+            terms = {k: round(float(v), 4) for k, v in logs_acc.items()}
+            when = f"at iteration {it}"
+            if check_every > 1:
+                when += f" (non-finite first between iterations {max(start, step - check_every)} and {it})"
+            raise FloatingPointError(f"[{name}] loss is {float(logs_acc['loss'])} {when}: {terms}")
+        if log_now:
+            logs_sum = {k: float(v) for k, v in logs_acc.items()}  # the one host sync of a log interval
         for o in task.optimizers().values():
             o.step()
             o.zero_grad(set_to_none=True)
         task.after_step(it)
-        step = it + 1
         first_lr = next(iter(task.optimizers().values())).param_groups[0]["lr"]
         if info.is_main:
             bar.update(1)
-            if step % p.log_every == 0 or step == p.iters:
+            if log_now:
                 dt = max(time.time() - t_last, 1e-9)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"})
                 mon.train_log(step, p.iters, {**logs_sum, "lr": first_lr, "img/s": img_count / dt})

@@ -93,7 +93,9 @@ def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def source_forward(net: nn.Module, src: dict, source_ce, target_bn: bool) -> tuple[torch.Tensor, dict[str, float]]:
+def source_forward(
+    net: nn.Module, src: dict, source_ce, target_bn: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Source CE from its own forward (BatchNorm statistics of one domain per forward, as the public code).
 
     With `target_bn`, the source batch is normalised with its own statistics but does not move the running
@@ -105,7 +107,7 @@ def source_forward(net: nn.Module, src: dict, source_ce, target_bn: bool) -> tup
     with source_bn_frozen(net, target_bn):
         logits, _ = net(src["image"])
     ce = cross_entropy(logits, src["label"])
-    return source_ce.weight * ce, {"src_ce": ce.item()}
+    return source_ce.weight * ce, {"src_ce": ce.detach()}
 
 
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:

@@ -58,7 +58,7 @@ class DistillTask:
     def loss_names(p: DistillParams) -> list[str]:
         return (["src_ce"] if p.source_ce.enabled else []) + ["hard_ce", "kd"]
 
-    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, src, tgt = self.p, batch["source"], batch["target"]
         total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
         out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
@@ -77,11 +77,11 @@ class DistillTask:
             label = torch.where(valid, label, torch.full_like(label, IGNORE))
         hard = masked_ce_hard(s_logits, label, conf, p.conf_threshold, IGNORE)
         total = total + hard
-        logs["hard_ce"] = hard.item()
+        logs["hard_ce"] = hard.detach()
         if t_soft is not None and p.kd_beta > 0:
             kd = kd_kl(t_soft, s_logits, valid)
             total = total + p.kd_beta * kd
-            logs["kd"] = kd.item()
+            logs["kd"] = kd.detach()
         return total, logs
 
 

@@ -74,7 +74,7 @@ class ProDATask:
         names += ["tgt_sce", "kl", "reg", "rect_changed"]
         return names
 
-    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # record_function scopes name the parts of the step for bench_adapt_cost's profile (free otherwise).
         p, src, tgt = self.p, batch["source"], batch["target"]
         with record_function("stage1/source_forward_ce"):
@@ -100,7 +100,7 @@ class ProDATask:
             omega = torch.softmax(proto_logits(f_weak, protos, p.tau, ok), dim=1) if p.rectify else torch.ones_like(p0)
             target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
             raw = p0.argmax(1)
-            logs["rect_changed"] = float(((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1))
+            logs["rect_changed"] = ((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1)
             # z_T: assignments of the EMA features at the strong view's pixels.
             z_t = proto_logits(warp_to_view(f_full, tgt["coords"], out_size), protos, p.tau, ok)
             # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
@@ -112,15 +112,15 @@ class ProDATask:
             else:
                 t_loss = cross_entropy(w_logits, target, IGNORE)
             total = total + p.sce.weight * t_loss
-            logs["tgt_sce"] = t_loss.item()
+            logs["tgt_sce"] = t_loss.detach()
             if p.structure_kl.enabled:
                 kl = structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid)
                 total = total + p.structure_kl.weight * kl
-                logs["kl"] = kl.item()
+                logs["kl"] = kl.detach()
             if p.regulariser.enabled:
                 reg = entropy_regulariser(w_logits, w_valid)
                 total = total + p.regulariser.weight * reg
-                logs["reg"] = reg.item()
+                logs["reg"] = reg.detach()
         return total, logs
 
     def after_step(self, it: int) -> None:

@@ -65,12 +65,12 @@ class SupervisedTask:
     def after_step(self, it: int) -> None:
         pass
 
-    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         src = batch["labeled"]
         if self.adv is None:
             logits, _ = self.net(src["image"])
             ce = cross_entropy(logits, src["label"])
-            return ce, {"ce": ce.item()}
+            return ce, {"ce": ce.detach()}
         tgt = batch["target"]
         n = src["image"].shape[0]
         # One forward over both domains: a single DDP forward per step, and shared BN statistics.
@@ -85,7 +85,7 @@ class SupervisedTask:
         d_out = self.disc(probs.detach())
         d_loss = lsgan_d_loss(d_out[:n], d_out[n:])
         total = ce + self.adv.weight * g_adv + d_loss
-        return total, {"ce": ce.item(), "adv_g": g_adv.item(), "adv_d": d_loss.item()}
+        return total, {"ce": ce.detach(), "adv_g": g_adv.detach(), "adv_d": d_loss.detach()}
 
 
 def train_supervised(
