@@ -179,9 +179,14 @@ def profile_parts(step, device: torch.device, steps: int) -> dict[str, float]:
     return dict(sorted(parts.items()))
 
 
-def _median(fn, warmup: int, iters: int, device: torch.device) -> float:
+def _median(fn, warmup: int, iters: int, device: torch.device, before=None) -> float:
+    """Median seconds of `fn()` (after `warmup` calls); `before()` runs untimed ahead of each call."""
     times = []
     for i in range(warmup + iters):
+        if before is not None:
+            before()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
@@ -230,20 +235,9 @@ def time_passes(task: Any, batch: dict, device: torch.device, amp: bool, warmup:
 
     def backward() -> None:
         graphs.pop().backward()
-
-    times = []
-    for i in range(warmup + iters):
-        build()  # not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
         net.zero_grad(set_to_none=True)
-    out["backward"] = sorted(times)[len(times) // 2]
+
+    out["backward"] = _median(backward, warmup, iters, device, before=build)
     return out
 
 

@@ -344,18 +344,23 @@ def test_stage_order_is_topological(dvc_repo: Path) -> None:
     assert stage_order(dvc_repo) == ["a", "b", "c@x"]
 
 
-def test_repro_stage_failure_names_stage_and_tail(tmp_path: Path) -> None:
+def failing_stage_repo(root: Path) -> None:
+    """A git + DVC repo whose one stage, `bad`, exits with the message 'disk on fire'."""
     from dvc.repo import Repo
 
-    from pipeline.orchestrate import StageFailed, repro_stage
-
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    with Repo.init(str(tmp_path)) as repo:
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    with Repo.init(str(root)) as repo:
         with repo.config.edit() as conf:
-            conf["core"]["site_cache_dir"] = str(tmp_path / "site-cache")
-    (tmp_path / "dvc.yaml").write_text(
+            conf["core"]["site_cache_dir"] = str(root / "site-cache")
+    (root / "dvc.yaml").write_text(
         "stages:\n  bad:\n    cmd: python -c \"import sys; sys.exit('disk on fire')\"\n    outs: [never.txt]\n"
     )
+
+
+def test_repro_stage_failure_names_stage_and_tail(tmp_path: Path) -> None:
+    from pipeline.orchestrate import StageFailed, repro_stage
+
+    failing_stage_repo(tmp_path)
     with pytest.raises(StageFailed) as err:
         repro_stage("bad", tmp_path)
     assert "'bad'" in str(err.value) and "disk on fire" in str(err.value)
@@ -421,15 +426,7 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
 
 @needs_prefect
 def test_pipeline_flow_failure_is_one_line_and_a_failed_run(server: dict, tmp_path: Path) -> None:
-    from dvc.repo import Repo
-
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    with Repo.init(str(tmp_path)) as repo:
-        with repo.config.edit() as conf:
-            conf["core"]["site_cache_dir"] = str(tmp_path / "site-cache")
-    (tmp_path / "dvc.yaml").write_text(
-        "stages:\n  bad:\n    cmd: python -c \"import sys; sys.exit('disk on fire')\"\n    outs: [never.txt]\n"
-    )
+    failing_stage_repo(tmp_path)
     cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(tmp_path)]
     env = clean_env(server["home"], PREFECT_API_URL=server["url"])
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
