@@ -26,6 +26,7 @@ from common import (
     keep_dir,
     make_workspace,
     mean_std,
+    parse_sets,
     parser,
     seed_overrides,
     table,
@@ -115,17 +116,6 @@ def label(name: str, aligned: bool) -> str:
         return "warm-up (aligned)" if aligned else "source-only = warm-up"
     names = {"source_only": "source only", "adapt": "stage 1 (adapt)", "oracle": "oracle (target labels)"}
     return names.get(name, name.replace("distill_", "KD round "))
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``KEY=YAML`` strings -> {dotted key: parsed value}; the value is YAML (numbers, lists, null)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)
-    return out
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 import yaml
-from common import REPO, bench_params, parser, table, write_result
+from common import REPO, bench_params, parse_sets, parser, set_dotted, table, write_result
 from torch.profiler import ProfilerActivity, profile, record_function
 
 GIB = 1024**3
@@ -47,7 +47,7 @@ BUDGET_GIB = 24  # the goal: a 24 GB card (RTX 3090/4090 class)
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def load_config(name: str, amp: bool):
+def load_config(name: str, amp: bool, overrides: dict[str, Any] | None = None):
     from pipeline.config import parse_params
 
     if name == "paper":
@@ -55,6 +55,8 @@ def load_config(name: str, amp: bool):
         raw["model"]["pretrained"] = None  # random init: same cost, no weight file needed
     else:
         raw = bench_params(name == "tiny")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
     raw["adapt"]["optim"]["amp"] = amp  # ProDATask's own autocast (EMA forwards) follows the step's setting
     return parse_params(raw)
 
@@ -99,7 +101,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from pipeline.methods.supervised import SupervisedTask
 
     torch.manual_seed(0)
-    params = load_config(spec["config"], spec["amp"])
+    params = load_config(spec["config"], spec["amp"], spec.get("overrides"))
     device = torch.device(spec["device"])
     k = params.data.num_classes
     ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k))
@@ -262,6 +264,7 @@ def main() -> None:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    ap.add_argument("--set", metavar="KEY=YAML", action="append", default=[], help="params override, repeatable")
     args = ap.parse_args()
 
     if args.device == "auto":  # this CPU always; the GPU too when there is one
@@ -286,6 +289,7 @@ def main() -> None:
                         device=device,
                         iters=args.iters,
                         warmup=args.warmup,
+                        overrides=parse_sets(args.set),
                     )
                     print(f"running {spec}", flush=True)
                     pair[task] = run_worker(spec)

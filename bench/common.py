@@ -69,6 +69,17 @@ def bench_params(tiny: bool, overrides: dict[str, Any] | None = None) -> dict:
     return params
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``KEY=YAML`` strings -> {dotted key: parsed value}; the value is YAML (numbers, lists, null)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def seed_overrides(seed: int) -> dict[str, int]:
     # One seed drives both the training RNG and the procedural scenes (a different draw of the data).
     return {"base.seed": seed, "data.embedded.seed": seed}
