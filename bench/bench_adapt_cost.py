@@ -104,8 +104,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     params = load_config(spec["config"], spec["amp"], spec.get("overrides"))
     device = torch.device(spec["device"])
     k = params.data.num_classes
-    ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k))
-    ctx.channels_last = spec.get("channels_last", params.base.channels_last)
+    channels_last = spec.get("channels_last", params.base.channels_last)
+    ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k), channels_last=channels_last)
     model = ctx.place(new_model(params.model, k)).train()
     src, tgt = make_batch(params, device, torch.Generator().manual_seed(0))
     if spec["task"] == "proda":

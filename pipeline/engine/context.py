@@ -96,9 +96,8 @@ def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context,
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Fresh heads give tiny gradients; denormal arithmetic made early CPU steps 3-5x slower.
         torch.set_flush_denormal(True)
-    ctx = Context(stage, params.base.seed, info, class_names(params.data.num_classes))
-    ctx.channels_last = params.base.channels_last
-    return ctx, params
+    names = class_names(params.data.num_classes)
+    return Context(stage, params.base.seed, info, names, channels_last=params.base.channels_last), params
 
 
 def new_model(mp: ModelParams, num_classes: int) -> SegModel:

@@ -89,13 +89,25 @@ def _setting(key: str, profile: Mapping[str, Any]) -> str | None:
     return str(value) if value else None
 
 
+def _auth_headers(profile: Mapping[str, Any]) -> dict[str, str]:
+    """Authorization header for the API: Prefect Cloud and auth-protected servers answer 401 without it."""
+    if key := _setting("PREFECT_API_KEY", profile):
+        return {"Authorization": f"Bearer {key}"}
+    if auth := _setting("PREFECT_API_AUTH_STRING", profile):
+        return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    return {}
+
+
+def _open(request: urllib.request.Request, timeout: float) -> Any:
+    # A proxy must not answer for a local server: bypass the environment's proxy settings.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout)
+
+
 def api_healthy(url: str, timeout: float, headers: Mapping[str, str] | None = None) -> bool:
     """Whether ``<url>/health`` of a Prefect API answers 200 within ``timeout`` seconds."""
     request = urllib.request.Request(f"{url}/health", headers=dict(headers or {}))
     try:
-        # A proxy must not answer for a local server: bypass the environment's proxy settings.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(request, timeout=timeout) as response:
+        with _open(request, timeout) as response:
             return response.status == 200
     except (OSError, ValueError):  # refused, timed out, HTTP error status, malformed URL
         return False
@@ -117,13 +129,7 @@ def server_available(timeout: float = 0.3) -> str | None:
     if not url:
         return None
     url = url.rstrip("/")
-    headers = {}
-    # Prefect Cloud and auth-protected servers answer 401 without these.
-    if key := _setting("PREFECT_API_KEY", profile):
-        headers["Authorization"] = f"Bearer {key}"
-    elif auth := _setting("PREFECT_API_AUTH_STRING", profile):
-        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-    ok = api_healthy(url, timeout, headers)
+    ok = api_healthy(url, timeout, _auth_headers(profile))
     if not ok:
         print(f"Prefect API at {url} did not answer; running without Prefect.", file=sys.stderr, flush=True)
     return url if ok else None
@@ -389,12 +395,8 @@ class StageRun:
         self.run_name = f"{stage} · {self.exp or self.commit or time.strftime('%Y%m%d-%H%M%S')}"
         self.key = slug(stage)  # artifact keys: one series per stage (and foreach item)
         self._headers: dict[str, str] = {}
-        if self.api_url:
-            profile = _active_profile() if not os.environ.get("PREFECT_API_URL") else {}
-            if key := _setting("PREFECT_API_KEY", profile):
-                self._headers["Authorization"] = f"Bearer {key}"
-            elif auth := _setting("PREFECT_API_AUTH_STRING", profile):
-                self._headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        if self.api_url:  # the same settings server_available read
+            self._headers = _auth_headers(_active_profile() if not os.environ.get("PREFECT_API_URL") else {})
 
     @property
     def server_mode(self) -> bool:
@@ -544,8 +546,7 @@ class StageRun:
         headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
         request = urllib.request.Request(f"{self.api_url}{path}", data=data, headers=headers, method=method)
         try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(request, timeout=5) as response:
+            with _open(request, 5) as response:
                 raw = response.read()
             return json.loads(raw) if raw else {}
         except (OSError, ValueError):

@@ -113,13 +113,13 @@ class PseudoLabelWriter:
         self.extra: dict[str, Any] = dict(extra or {})
         self.background = background
         self.queue_size = queue_size
+        if soft_dtype not in SOFT_DTYPES:
+            raise ValueError(f"soft_dtype must be one of {SOFT_DTYPES}, got {soft_dtype!r}")
         if not chunk_mb > 0:
             raise ValueError(f"chunk_mb must be > 0, got {chunk_mb}")
         itemsize = np.dtype(soft_dtype if store_soft else "float16").itemsize
         per_image = max(1, self.num_classes * self.height * self.width * itemsize)
         self.images_per_chunk = int(max(1, min(len(self.ids), chunk_mb * 2**20 // per_image)))
-        if soft_dtype not in SOFT_DTYPES:
-            raise ValueError(f"soft_dtype must be one of {SOFT_DTYPES}, got {soft_dtype!r}")
         if not 0 < self.num_classes < IGNORE_INDEX:
             raise ValueError(f"need 1..{IGNORE_INDEX - 1} classes ({IGNORE_INDEX} is ignore), got {self.num_classes}")
         if len(set(self.ids)) != len(self.ids):
