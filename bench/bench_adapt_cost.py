@@ -9,9 +9,11 @@ Data loading and augmentation are not timed. Seconds = median of --iters steps a
 Each (config, task, AMP) runs in a fresh subprocess so peaks do not mix:
 * CUDA: `torch.cuda.max_memory_allocated` over all steps (absolute: weights, optimizer state, activations);
   goal: the paper's stage-1 batch fits in 24 GiB.
-* CPU: resident memory from /proc/self/status, with glibc told to return large blocks to the system at once
-  (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors. `peak_extra_mb` = peak RSS during the steps (VmHWM,
-  reset before the first step) - RSS after building model, task and batch; `peak_rss_mb` is the whole process.
+* CPU: resident memory from /proc/self/status, in a second process of its own in which glibc is told to return
+  large blocks to the system at once (MALLOC_MMAP_THRESHOLD_), so RSS follows live tensors. `peak_extra_mb` =
+  peak RSS during the steps (VmHWM, reset before the first step) - RSS after building model, task and batch;
+  `peak_rss_mb` is the whole process. Times come from a process with glibc's default allocator, as training
+  runs: under the memory-tracking settings every large tensor is a fresh mmap and the step takes about 2x longer.
 AMP = bf16 autocast (`optim.amp`), on CUDA and on CPU (oneDNN bf16 kernels: AVX512-BF16/AMX); both are run.
 
 `passes_s` times each network pass of the step on its own (student forward per domain, EMA forward, backward
@@ -34,6 +36,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +94,8 @@ def rss_kb(field: str) -> int:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Times `spec['task']` on `spec['config']`; runs in its own process."""
+    """Times `spec['task']` on `spec['config']` (``spec['measure']`` "time"), or measures its peak memory only
+    ("memory"; CPU RSS needs a process with other allocator settings); runs in its own process."""
     from pipeline.data.labels import class_names
     from pipeline.engine.context import Context, new_model
     from pipeline.engine.distributed import DistInfo
@@ -149,12 +153,23 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     except torch.cuda.OutOfMemoryError:
         return {**spec, "oom": True}
     times.sort()
-    out = {**spec, "oom": False, "s_per_iter": times[len(times) // 2], "s_per_iter_all": times}
+    out: dict[str, Any] = {**spec, "oom": False}
+    if spec.get("measure") == "memory":
+        return {**out, **_peak_memory(device, base)}
+    out.update(s_per_iter=times[len(times) // 2], s_per_iter_all=times)
+    if device.type == "cuda":  # the allocator's own counters: no second process needed
+        out.update(_peak_memory(device, base))
     out["parts_ms"] = profile_parts(step, device, max(3, spec["iters"] // 2))
     # The network passes of the step alone; what the step spends beyond their sum is overhead.
     out["passes_s"] = time_passes(task, batch, device, amp, spec["warmup"], spec["iters"])
     out["overhead_ratio"] = out["s_per_iter"] / sum(out["passes_s"].values())
     out["images_per_iter"] = {name: b["image"].shape[0] for name, b in batch.items()}
+    return out
+
+
+def _peak_memory(device: torch.device, base: int) -> dict[str, float]:
+    """Peak memory of the steps run so far: CUDA max allocated/reserved, or the process's peak RSS (VmHWM)."""
+    out: dict[str, float] = {}
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         out.update(peak_allocated_mb=peak / 2**20, peak_reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20)
@@ -244,8 +259,18 @@ def time_passes(task: Any, batch: dict, device: torch.device, amp: bool, warmup:
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Times ``spec`` in one process (default allocator, as training runs) and, on the CPU, measures its peak
+    RSS in another; returns the merged row."""
+    timed = _run_process({**spec, "measure": "time"}, os.environ)
+    if spec["device"] != "cpu" or timed["oom"]:
+        return timed
     # Large blocks straight from/to the OS, so RSS tracks live tensors instead of glibc's free lists.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    mem = _run_process({**spec, "measure": "memory", "iters": min(spec["iters"], 3)}, env)
+    return {**timed, **{k: mem[k] for k in ("peak_rss_mb", "baseline_mb", "peak_extra_mb")}}
+
+
+def _run_process(spec: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]

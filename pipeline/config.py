@@ -210,6 +210,14 @@ class LossSwitch(Strict):
     weight: NonNegFloat
 
 
+class PreciseBNParams(Strict):
+    # After the last step, re-estimate BatchNorm running statistics on clean (un-augmented) target train
+    # images ("precise BN"): training forwards see weak/strong views, whose statistics differ from clean
+    # test images. At most `max_images` images, read in order.
+    enabled: bool
+    max_images: PosInt
+
+
 class AdaptParams(Strict):
     optim: OptimParams
     view: ViewParams
@@ -231,6 +239,7 @@ class AdaptParams(Strict):
     regulariser: LossSwitch
     # BatchNorm running statistics follow the target only (source forwards do not update them).
     target_bn: bool
+    precise_bn: PreciseBNParams
 
 
 class TeacherParams(Strict):
@@ -261,6 +270,7 @@ class DistillParams(Strict):
     student_init: Literal["previous", "pretrained", "scratch"]
     student_weights: str | None
     target_bn: bool  # as adapt.target_bn
+    precise_bn: PreciseBNParams  # as adapt.precise_bn
 
     @model_validator(mode="after")
     def _rounds(self) -> DistillParams:

@@ -111,3 +111,46 @@ def test_bad_params_name_the_key(ws: Path) -> None:
     write_params(ws, tiny_params(**{"adapt.tau": -1}))
     res = stage("adapt", ws, check=False)
     assert res.returncode == 1 and "adapt.tau" in res.stderr
+
+
+def _clean_target_batches(root: Path, n: int) -> list[torch.Tensor]:
+    """The first ``n`` target train images as the stages read them (no augmentation), one batch."""
+    import os
+
+    from pipeline.config import load_params
+    from pipeline.engine.context import Data
+
+    cwd = os.getcwd()
+    os.chdir(root)  # manifests hold paths relative to the workspace
+    try:
+        params = load_params(root / "params.yaml")
+        tgt = Data(params.data, Path("data/manifests")).dataset("target_train", with_labels=False)
+        return [torch.stack([tgt.load(i)["image"] for i in range(n)]).float() / 255.0]
+    finally:
+        os.chdir(cwd)
+
+
+def test_precise_bn_re_estimates_statistics_on_clean_target_images(ws: Path) -> None:
+    from pipeline.data.labels import class_names
+    from pipeline.engine.context import Context, read_model
+    from pipeline.engine.distributed import DistInfo
+    from pipeline.models import batchnorms, estimate_bn_stats
+
+    write_params(ws, tiny_params(**{"adapt.precise_bn": {"enabled": True, "max_images": 4}}))
+    res = stage("adapt", ws)
+    assert "precise BN: BatchNorm statistics re-estimated on 4 target train images" in res.stdout + res.stderr
+    ctx = Context("t", 0, DistInfo(0, 1, 0, torch.device("cpu")), class_names(19))
+    model, _ = read_model(ws / "models/adapt/last.pt", ctx)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    # Same weights, statistics re-estimated here from the first 4 clean images: the saved ones must match.
+    estimate_bn_stats(model, iter(_clean_target_batches(ws, 4)))
+    assert batchnorms(model) and saved
+    for k, v in model.state_dict().items():
+        if "running_" in k:
+            torch.testing.assert_close(v, saved[k], rtol=1e-4, atol=1e-5, msg=k)
+    # Without it the statistics are the training forwards' (weak + strong views), not those.
+    write_params(ws, tiny_params(**{"adapt.precise_bn": {"enabled": False, "max_images": 4}}))
+    stage("adapt", ws)
+    model, _ = read_model(ws / "models/adapt/last.pt", ctx)
+    off = {k: v for k, v in model.state_dict().items() if "running_mean" in k}
+    assert any(not torch.allclose(v, saved[k], atol=1e-4) for k, v in off.items())

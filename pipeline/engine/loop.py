@@ -253,8 +253,11 @@ def fit(
     evaluator: Callable[[nn.Module], dict] | None,
     loss_names: list[str],
     export: Callable[[str, nn.Module, dict | None], None],
+    finalize: Callable[[nn.Module], None] | None = None,
 ) -> FitResult:
     """Runs `p.iters` optimiser steps of `task`; writes model files via `export("last"|"best", model, metrics)`.
+
+    `finalize`, if given, runs on the model after the last step, before its final evaluation and export.
 
     `fingerprint` identifies the run's inputs: resume state written for other inputs is discarded.
     """
@@ -352,6 +355,8 @@ def fit(
             mon.finish(step, p.iters)
             raise StageCancelled(f"[{name}] cancelled at iteration {step}/{p.iters}; resume state kept in {state_path}")
     bar.close()
+    if finalize is not None:
+        finalize(unwrap(model))
     final = evaluator(unwrap(model)) if evaluator is not None else {}
     if info.is_main:
         if final:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ModelParams, OptimParams, StrongParams, ViewParams
+from pipeline.config import ModelParams, OptimParams, PreciseBNParams, StrongParams, ViewParams
 from pipeline.data.views import StrongViewConfig, WeakViewConfig, make_strong_view, make_weak_view
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, save_model
@@ -19,7 +20,7 @@ from pipeline.engine.loop import FitResult, Stream, Task, evaluate, fit
 from pipeline.files import write_json
 from pipeline.maths.losses import cross_entropy
 from pipeline.maths.metrics import write_per_class_csv
-from pipeline.models import source_bn_frozen
+from pipeline.models import estimate_bn_stats, source_bn_frozen
 from pipeline.store.pseudo_store import PseudoLabelStore
 
 
@@ -144,6 +145,33 @@ def make_evaluator(ctx: Context, data: Data, batch_size: int):
     return _eval
 
 
+def target_train_images(
+    ctx: Context, data: Data, batch_size: int, max_images: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Clean target train images (read as every stage reads them, no augmentation), in order, as float batches
+    in [0, 1] on the stage's device; the first ``max_images`` when given."""
+    tgt = data.dataset("target_train", with_labels=False)
+    n = len(tgt) if max_images is None else min(len(tgt), max_images)
+    for start in range(0, n, batch_size):
+        imgs = torch.stack([tgt.load(i)["image"] for i in range(start, min(start + batch_size, n))])
+        yield imgs.to(ctx.info.device).float() / 255.0
+
+
+def precise_bn(ctx: Context, data: Data, p: PreciseBNParams, batch_size: int) -> Callable[[nn.Module], None] | None:
+    """The `fit` finaliser that re-estimates BatchNorm statistics on clean target train images, or None.
+
+    Every rank reads the same images, so DDP replicas end with the same statistics."""
+    if not p.enabled:
+        return None
+
+    def finalize(model: nn.Module) -> None:
+        n = estimate_bn_stats(model, target_train_images(ctx, data, batch_size, p.max_images))
+        if ctx.info.is_main:
+            print(f"[{ctx.stage}] precise BN: BatchNorm statistics re-estimated on {n} target train images", flush=True)
+
+    return finalize
+
+
 def run_training(
     ctx: Context,
     task: Task,
@@ -156,8 +184,11 @@ def run_training(
     loss_names: list[str],
     section: dict[str, Any],
     inputs: list[Any],
+    finalize: Callable[[nn.Module], None] | None = None,
 ) -> dict:
     """Trains `task`, writes ``out.models/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0).
+
+    ``finalize`` runs on the model after the last step, before its final evaluation (e.g. `precise_bn`).
 
     ``section`` (the stage's params, as JSON) and ``inputs`` (hashes of the input files) fingerprint the
     resume state, so a change of either never resumes stale state. Returns the metrics written (on every
@@ -188,6 +219,7 @@ def run_training(
         evaluator=evaluator,
         loss_names=loss_names,
         export=export,
+        finalize=finalize,
     )
     clean = lambda d: {k: v for k, v in (d or {}).items() if not k.startswith("_")}  # noqa: E731
     final = clean(res.final_metrics)

@@ -22,6 +22,7 @@ from pipeline.engine.training import (
     TrainOutputs,
     WeakTransform,
     make_evaluator,
+    precise_bn,
     run_training,
     source_forward,
     stream,
@@ -122,6 +123,8 @@ def train_distill(
         "target": stream(ctx, data, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1 + r),
     }
     inputs = [sha256_file(teacher_path), store.checkpoint_sha256, sha256_file(data.manifest("source")), r]
+    if p.student_init == "pretrained":  # other weights under the same path must not resume stale state
+        inputs.append(sha256_file(Path(p.student_weights)))
     return run_training(
         ctx,
         task,
@@ -133,4 +136,5 @@ def train_distill(
         loss_names=DistillTask.loss_names(p),
         section=p.model_dump(mode="json"),
         inputs=inputs,
+        finalize=precise_bn(ctx, data, p.precise_bn, eval_batch),
     )

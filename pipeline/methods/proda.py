@@ -33,6 +33,7 @@ from pipeline.engine.training import (
     TrainOutputs,
     WeakTransform,
     make_evaluator,
+    precise_bn,
     run_training,
     source_forward,
     stream,
@@ -205,6 +206,7 @@ def train_adapt(
         loss_names=ProDATask.loss_names(p),
         section=p.model_dump(mode="json"),
         inputs=inputs,
+        finalize=precise_bn(ctx, data, p.precise_bn, eval_batch),
     )
     if ctx.info.is_main:
         task.bank.save(out.models / "prototypes.pt", ctx.class_names)

@@ -20,7 +20,15 @@ from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, new_model, read_model
 from pipeline.engine.distributed import DistInfo, unwrap
 from pipeline.engine.loop import build_optimizer, evaluate
-from pipeline.engine.training import TrainOutputs, WeakTransform, make_evaluator, run_training, stream, wrap_ddp
+from pipeline.engine.training import (
+    TrainOutputs,
+    WeakTransform,
+    make_evaluator,
+    run_training,
+    stream,
+    target_train_images,
+    wrap_ddp,
+)
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
@@ -139,15 +147,8 @@ def align_bn_to_target(ctx: Context, data: Data, out_dir: Path, metrics_path: Pa
     local = DistInfo(0, 1, 0, ctx.info.device)
     last, kept = out_dir / "last.pt", out_dir / "source_only.pt"
     model, saved_meta = read_model(last, ctx)
-    tgt = data.dataset("target_train", with_labels=False)
     bs = batch_size
-
-    def batches():
-        for start in range(0, len(tgt), bs):
-            imgs = torch.stack([tgt.load(i)["image"] for i in range(start, min(start + bs, len(tgt)))])
-            yield imgs.to(ctx.info.device).float() / 255.0
-
-    n = estimate_bn_stats(model, batches())
+    n = estimate_bn_stats(model, target_train_images(ctx, data, bs))
     val = data.dataset("target_val", with_labels=True)
     cm = evaluate(model, val, ctx.num_classes, local, bs)
     aligned = cm.summary(ctx.class_names)
