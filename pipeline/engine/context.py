@@ -19,6 +19,7 @@ from pipeline.data.datasets import LabelMapper, SegDataset, manifest_file, read_
 from pipeline.data.labels import class_names
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.distributed import DistInfo, init_distributed
+from pipeline.engine.loop import bf16_native
 from pipeline.models import SegModel, build_model
 
 
@@ -96,6 +97,8 @@ def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context,
         torch.use_deterministic_algorithms(True, warn_only=True)
         # Fresh heads give tiny gradients; denormal arithmetic made early CPU steps 3-5x slower.
         torch.set_flush_denormal(True)
+    if info.is_main and not bf16_native(info.device.type):
+        print(f"[{stage}] bf16 autocast off: no native bf16 kernels on this {info.device.type} (amp runs fp32)")
     names = class_names(params.data.num_classes)
     return Context(stage, params.base.seed, info, names, channels_last=params.base.channels_last), params
 
