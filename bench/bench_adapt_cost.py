@@ -292,7 +292,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     ap.add_argument("--set", metavar="KEY=YAML", action="append", default=[], help="params override, repeatable")
     args = ap.parse_args()
-    from pipeline.engine.loop import bf16_native
+    from pipeline.engine.distributed import bf16_native
 
     if args.device == "auto":  # this CPU always; the GPU too when there is one
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -357,7 +357,8 @@ def _x86_cpu_flags() -> set[str] | None:
 
 
 def test_amp_autocasts_to_bf16_only_where_the_cpu_runs_it_natively() -> None:
-    from pipeline.engine.loop import autocast, bf16_native
+    from pipeline.engine.distributed import bf16_native
+    from pipeline.engine.loop import autocast
 
     cpu = torch.device("cpu")
     layer, x = torch.nn.Linear(8, 8), torch.randn(2, 8)

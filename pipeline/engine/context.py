@@ -18,8 +18,7 @@ from pipeline.config import DataParams, ModelParams, Params, load_params
 from pipeline.data.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
 from pipeline.data.labels import class_names
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.distributed import DistInfo, init_distributed
-from pipeline.engine.loop import bf16_native
+from pipeline.engine.distributed import DistInfo, bf16_native, init_distributed
 from pipeline.models import SegModel, build_model
 
 

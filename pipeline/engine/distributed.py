@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -79,3 +80,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The network inside a DDP / DataParallel wrapper (the model itself otherwise)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
+
+
+@functools.cache
+def bf16_native(device_type: str) -> bool:
+    """Whether bf16 runs on real kernels on this device type: CUDA with bf16 support, or a CPU for which oneDNN
+    has bf16 kernels (AVX512 cores, fastest with AVX512-BF16/AMX; AVX2 with AVX-NE-CONVERT; ARM with BF16).
+
+    Elsewhere bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a bf16 2048² matmul took 57 s against 0.10 s
+    in fp32, and a default warm-up step 3.2 s against 0.35 s.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # the private probe moved: ask the CPU flags directly
+            return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False

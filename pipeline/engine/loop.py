@@ -9,7 +9,6 @@ optimizers, EMA/prototypes, RNG, data position, iteration) and ends where an uni
 from __future__ import annotations
 
 import csv
-import functools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from pipeline.config import OptimParams
 from pipeline.data.datasets import index_seed
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, unwrap
+from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, bf16_native, unwrap
 from pipeline.maths.metrics import ConfusionMatrix
 from pipeline.orchestration.flows import Monitor, StageCancelled, monitor
 
@@ -182,24 +181,6 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
         cm.counts = counts.cpu().numpy()
     model.train(was_training)
     return cm
-
-
-@functools.cache
-def bf16_native(device_type: str) -> bool:
-    """Whether bf16 runs on native kernels on this device type: CUDA with bf16 support, or a CPU whose oneDNN
-    has bf16 kernels (AVX512 with BF16/AMX, or ARM with BF16).
-
-    Elsewhere bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a bf16 2048² matmul took 57 s against 0.10 s
-    in fp32, and a default warm-up step 3.2 s against 0.35 s.
-    """
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # the private probe moved: ask the CPU flags directly
-            return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return False
 
 
 def autocast(device: torch.device, enabled: bool):
