@@ -303,11 +303,13 @@ def main() -> None:
         configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if device == "cuda" else ["default"])
         for config in configs:
             cl = bench_params(config == "tiny")["base"]["channels_last"]
-            # bf16 autocast on and off with the params' memory format, and bf16 with the other one.
-            combos = [(False, cl)] if args.tiny else [(True, cl), (True, not cl), (False, cl)]
-            if not bf16_native(device):  # amp would run fp32 there: both memory formats in fp32 instead
+            if args.tiny:
+                combos = [(False, cl)]
+            elif bf16_native(device):  # bf16 on and off with the params' memory format, bf16 with the other one
+                combos = [(True, cl), (True, not cl), (False, cl)]
+            else:  # amp would run fp32 there: both memory formats in fp32 instead
                 print(f"{device}: no native bf16 kernels, so amp runs fp32; timing fp32 only", flush=True)
-                combos = [(False, cl)] if args.tiny else [(False, cl), (False, not cl)]
+                combos = [(False, cl), (False, not cl)]
             for amp, channels_last in combos:
                 pair = {}
                 for task in ("supervised", "proda"):

@@ -164,7 +164,7 @@ class OptimParams(Strict):
     momentum: NonNegFloat
     weight_decay: NonNegFloat
     poly_power: NonNegFloat
-    amp: bool  # bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs); fp32 elsewhere
+    amp: bool  # bf16 autocast where the device has bf16 kernels (CUDA, AVX512/AMX CPUs); fp32 elsewhere
     eval_every: NonNegInt  # 0: only at the end
     ckpt_every: PosInt
     log_every: PosInt
