@@ -1,9 +1,7 @@
 """ProDA domain-adaptive semantic segmentation as a cached, monitored pipeline."""
 
-import os
-
-# Before torch loads OpenMP: spinning OpenMP barriers made CPU training ~7x slower whenever another process (a
-# DataLoader worker, a second job) shared the cores: two 60-step stage-1 runs side by side took 338 s each with
-# libgomp's default spinning and 48 s passive (2 cores, 2026-12-02); alone, 26.0 vs 25.4-29.4 s (run-to-run
-# noise). A value set by the user wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to libgomp (spin briefly, then sleep) unless the user sets OMP_WAIT_POLICY. Forcing
+# PASSIVE was measured both ways: on a 2-core Intel VM (AMX) it made one warm-up stage 1.28x slower (150 steps:
+# 14.2 s libgomp default, 18.3 s passive) and a stage-1 step 2x slower (0.103 vs 0.205 s); on a 2-core AMD VM it
+# was neutral alone but saved two jobs sharing the cores from 7x slower steps. For two jobs on the same cores,
+# try OMP_WAIT_POLICY=PASSIVE; one job at a time runs best with the default.

@@ -434,26 +434,41 @@ class ModelEMA:
         self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._pairs: tuple | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         src = unwrap(model)
-        params = dict(src.named_parameters())
-        ema, cur = [], []
-        for name, e in self.module.named_parameters():
-            p = params[name].detach()
-            if e.dtype.is_floating_point:
-                ema.append(e)
-                cur.append(p.to(e.dtype))
-            else:
-                e.copy_(p)
+        if self._pairs is None or self._pairs[0] is not src:
+            self._pairs = (src, *self._match(src))
+        _, ema, cur, ema_buf, cur_buf, ints = self._pairs
         # One multi-tensor op instead of two small ops per tensor: ema + (1 − m)(p − ema) = m·ema + (1 − m)·p.
         if ema:
             torch._foreach_lerp_(ema, cur, 1.0 - self.momentum)
+        if ema_buf:
+            torch._foreach_copy_(ema_buf, cur_buf)
+        for e, p in ints:
+            e.copy_(p)
+
+    def _match(self, src: nn.Module) -> tuple[list, list, list, list, list]:
+        """The EMA's tensors paired by name with ``src``'s, built once per source module (walking both modules'
+        names every step was half of the update's 0.9 ms on the default model, CPU). Parameters are kept as
+        objects, so in-place loads and ``.data`` swaps stay visible."""
+        params = dict(src.named_parameters())
+        ema, cur, ints = [], [], []
+        for name, e in self.module.named_parameters():
+            p = params[name]
+            if p.dtype != e.dtype:
+                raise ValueError(f"EMA tensor {name} is {e.dtype}, the model's is {p.dtype}")
+            if e.dtype.is_floating_point:
+                ema.append(e)
+                cur.append(p)
+            else:
+                ints.append((e, p))
         buffers = dict(src.named_buffers())
-        ema_buffers = list(self.module.named_buffers())
-        if ema_buffers:
-            torch._foreach_copy_([b for _, b in ema_buffers], [buffers[name] for name, _ in ema_buffers])
+        ema_buf = [b for _, b in self.module.named_buffers()]
+        cur_buf = [buffers[name] for name, _ in self.module.named_buffers()]
+        return ema, cur, ema_buf, cur_buf, ints
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA network's own state dict, loadable into a plain SegModel."""

@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.labels import train_id_to_label_id
-from pipeline.maths.metrics import ConfusionMatrix, confusion_from_label_id_pngs
+from pipeline.maths.metrics import ConfusionMatrix, class_argmax, confusion_from_label_id_pngs
 
 
 def test_iou_by_hand():
@@ -69,3 +70,12 @@ def test_equals_official_cityscapes_evaluator(tmp_path, rng):
     official_miou = result["averageScoreClasses"]
     ours = confusion_from_label_id_pngs(list(zip(preds, gts)))
     assert ours.miou() == pytest.approx(official_miou, abs=1e-9)
+
+
+def test_class_argmax_is_argmax_with_first_index_on_ties() -> None:
+    scores = torch.tensor([[0.1, 0.7, 0.7, 0.2], [0.5, 0.5, 0.1, 0.0]]).T.reshape(1, 4, 2, 1)  # [B, K, h, w]
+    assert class_argmax(scores).flatten().tolist() == [1, 0]  # ties: the lower class index
+    x = torch.randn(2, 19, 5, 7)
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(class_argmax(t), x.argmax(1))
+    assert torch.equal(class_argmax(x[0], 0), x[0].argmax(0))

@@ -176,9 +176,24 @@ def test_ema_update_hand_computed() -> None:
     assert torch.equal(ema.module[1].running_mean, torch.full((2,), 5.0))  # buffers copied, not averaged
     assert net[0].weight.flatten()[0].item() == 3.0  # source untouched
 
+    # The second update reuses the pairs built by the first: it must see in-place writes and .data swaps.
+    with torch.no_grad():
+        net[0].weight.fill_(5.0)
+    net[0].bias.data = torch.full_like(net[0].bias, 7.0)
+    ema.update(net)
+    assert torch.allclose(ema.module[0].weight, torch.full_like(ema.module[0].weight, 0.9 * 1.2 + 0.1 * 5.0))
+    assert torch.allclose(ema.module[0].bias, torch.full_like(ema.module[0].bias, 0.9 * 1.2 + 0.1 * 7.0))
+
     fresh = ModelEMA(net, momentum=0.9)
     fresh.load_state_dict(ema.state_dict())
     assert torch.equal(fresh.module[0].weight, ema.module[0].weight)
+
+
+def test_ema_update_rejects_a_model_of_another_dtype() -> None:
+    net = nn.Sequential(nn.Conv2d(2, 2, 1))
+    ema = ModelEMA(net, momentum=0.9)
+    with pytest.raises(ValueError, match=r"EMA tensor 0.weight is torch.float32, the model's is torch.float64"):
+        ema.update(net.double())
 
 
 def test_param_groups() -> None:

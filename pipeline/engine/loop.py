@@ -25,7 +25,7 @@ from pipeline.config import OptimParams
 from pipeline.data.datasets import index_seed
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, bf16_native, unwrap
-from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.maths.metrics import ConfusionMatrix, class_argmax
 from pipeline.orchestration.flows import Monitor, StageCancelled, monitor
 
 
@@ -175,7 +175,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
         batch = collate(samples)
         with autocast(info.device, True):
             logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
-        cm.update(logits.argmax(1).cpu(), batch["label"])
+        cm.update(class_argmax(logits).cpu(), batch["label"])
     if info.enabled:  # sharded: sum the ranks' counts (a single-rank DistInfo evaluates the whole split alone)
         counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
         cm.counts = counts.cpu().numpy()

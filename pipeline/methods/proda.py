@@ -43,6 +43,7 @@ from pipeline.engine.training import (
 )
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
+from pipeline.maths.metrics import class_argmax
 from pipeline.maths.prototypes import PrototypeBank, proto_logits, rectify
 from pipeline.models import ModelEMA, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
@@ -100,12 +101,12 @@ class ProDATask:
             f_weak = warp_to_view(f_full, tgt["weak_coords"], out_size)
             omega = torch.softmax(proto_logits(f_weak, protos, p.tau, ok), dim=1) if p.rectify else torch.ones_like(p0)
             target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
-            raw = p0.argmax(1)
+            raw = class_argmax(p0)
             logs["rect_changed"] = ((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1)
             # z_T: assignments of the EMA features at the strong view's pixels.
             z_t = proto_logits(warp_to_view(f_full, tgt["coords"], out_size), protos, p.tau, ok)
             # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
-            self._proto_batch = (f_full, e_logits.argmax(1))
+            self._proto_batch = (f_full, class_argmax(e_logits))
 
         with record_function("stage1/target_losses"):
             if p.sce.enabled:
@@ -155,7 +156,7 @@ def rectified_quality(ctx: Context, data: Data, task: ProDATask, store_path: Pat
         lab, prob = rectify(soft, omega, 0.0, IGNORE)
         for j in range(len(samples)):
             gt = batch["label"][j].numpy()
-            raw_acc.update(soft[j].argmax(0).cpu().numpy(), soft[j].max(0).values.cpu().numpy(), gt)
+            raw_acc.update(class_argmax(soft[j], 0).cpu().numpy(), soft[j].max(0).values.cpu().numpy(), gt)
             rect_acc.update(lab[j].cpu().numpy(), prob[j].max(0).values.cpu().numpy(), gt)
     return {"raw": raw_acc.summary(ctx.class_names), "rectified": rect_acc.summary(ctx.class_names)}
 

@@ -22,7 +22,7 @@ from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, Data, load_model
 from pipeline.engine.loop import evaluate, predict_logits
-from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.maths.metrics import ConfusionMatrix, class_argmax
 from pipeline.store.inference import gt_loader
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import evaluate_store_quality
@@ -154,7 +154,11 @@ def overlay_indices(val: SegDataset, n: int) -> list[int]:
 def predict_labels(model: torch.nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> list[np.ndarray]:
     """Argmax train ids [H, W] of uint8 [3, H, W] images (one at a time: sizes may differ)."""
     model.eval()
-    return [predict_logits(model, img[None].to(device))[0].argmax(0).cpu().numpy().astype(np.uint8) for img in images]
+
+    def label(img: torch.Tensor) -> np.ndarray:
+        return class_argmax(predict_logits(model, img[None].to(device)))[0].cpu().numpy().astype(np.uint8)
+
+    return [label(img) for img in images]
 
 
 def same_weights(a: Path, b: Path) -> bool:
