@@ -18,8 +18,10 @@ AMP = bf16 autocast (`optim.amp`), on CUDA and on CPU (oneDNN bf16 kernels: AVX5
 device without native bf16 (an AVX2-only CPU) runs amp in fp32, so there the two memory formats are timed in fp32.
 
 `passes_s` times each network pass of the step on its own (student forward per domain, EMA forward, backward
-through the student forwards from a plain sum of their outputs); `overhead_ratio` = step time / their sum, i.e.
-what views, warps, prototype distances, losses, optimizer, EMA and prototype updates and Python add.
+through the student forwards from a plain sum of their outputs; the student forwards in one autocast region,
+as in the step), each round right after the step, so that a shared machine's drifts hit both alike;
+`overhead_ratio` = step time / their sum, i.e. what views, warps, prototype distances, losses, optimizer, EMA
+and prototype updates and Python add.
 
 Configs: `default` = params.yaml (model, adapt crop and batch, embedded image size); `paper` = params/
 gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896, batch 4, target images
@@ -37,7 +39,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,25 +146,29 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         base = rss_kb("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS, to the current RSS
-    times = []
+    time_passes = pass_timer(task, batch, device, amp)
     try:
+        if spec.get("measure") == "memory":
+            for _ in range(spec["warmup"] + spec["iters"]):
+                step()
+            return {**spec, "oom": False, **_peak_memory(device, base)}
+        # The step and each pass alone, interleaved round by round, so that drifts of a shared machine (other
+        # tenants, clocks) shift both sides of overhead_ratio alike instead of whichever ran later.
+        times: dict[str, list[float]] = {}
         for i in range(spec["warmup"] + spec["iters"]):
-            t0 = time.perf_counter()
-            step()
+            t = {"step": _timed(step, device), **time_passes()}
             if i >= spec["warmup"]:
-                times.append(time.perf_counter() - t0)
+                for name, v in t.items():
+                    times.setdefault(name, []).append(v)
     except torch.cuda.OutOfMemoryError:
         return {**spec, "oom": True}
-    times.sort()
     out: dict[str, Any] = {**spec, "oom": False}
-    if spec.get("measure") == "memory":
-        return {**out, **_peak_memory(device, base)}
-    out.update(s_per_iter=times[len(times) // 2], s_per_iter_all=times)
+    out.update(s_per_iter=_median(times["step"]), s_per_iter_all=sorted(times["step"]))
     if device.type == "cuda":  # the allocator's own counters: no second process needed
         out.update(_peak_memory(device, base))
     out["parts_ms"] = profile_parts(step, device, max(3, spec["iters"] // 2))
     # The network passes of the step alone; what the step spends beyond their sum is overhead.
-    out["passes_s"] = time_passes(task, batch, device, amp, spec["warmup"], spec["iters"])
+    out["passes_s"] = {name: _median(v) for name, v in times.items() if name != "step"}
     out["overhead_ratio"] = out["s_per_iter"] / sum(out["passes_s"].values())
     out["images_per_iter"] = {name: b["image"].shape[0] for name, b in batch.items()}
     return out
@@ -197,66 +203,70 @@ def profile_parts(step, device: torch.device, steps: int) -> dict[str, float]:
     return dict(sorted(parts.items()))
 
 
-def _median(fn, warmup: int, iters: int, device: torch.device, before=None) -> float:
-    """Median seconds of `fn()` (after `warmup` calls); `before()` runs untimed ahead of each call."""
-    times = []
-    for i in range(warmup + iters):
-        if before is not None:
-            before()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
-def time_passes(task: Any, batch: dict, device: torch.device, amp: bool, warmup: int, iters: int) -> dict[str, float]:
-    """Median seconds of each network pass of the task's step on its own: the student forwards (one per
-    domain, as the step runs them), the EMA forward (no grad; ProDA only) and the backward through the
-    student forwards (from a plain sum of their outputs, so no loss is in it)."""
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one `fn()` call (CUDA: to its end on the device)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def pass_timer(task: Any, batch: dict, device: torch.device, amp: bool) -> Callable[[], dict[str, float]]:
+    """A function timing each network pass of the task's step on its own, once: the student forwards (one per
+    domain, as the step runs them), the EMA forward (no grad; ProDA only) and the backward through the student
+    forwards (from a plain sum of their outputs, so no loss is in it).
+
+    The student forwards share one autocast region, as in the step: bf16 copies of the weights are made once
+    per region and reused, so forwards in regions of their own would each pay the cast (and the backward would
+    run through two of them), which on ResNet-101 made the passes alone outlast the whole step."""
     from pipeline.engine.loop import autocast
 
     net = task.modules()["model"]
     images = [b["image"] for b in batch.values()] if "labeled" in batch else [batch["source"]["image"]]
+    names = ["student_forward"]
     if "target" in batch:
         t = batch["target"]
         images.append(torch.cat([t["weak_image"], t["image"]]))
+        names = ["student_forward_source", "student_forward_target"]
 
-    def forward(x: torch.Tensor):
+    def build() -> torch.Tensor:
         with autocast(device, amp):
-            return net(x)
+            total = torch.zeros((), device=device)
+            for x in images:
+                logits, feats = net(x)
+                total = total + logits.float().mean() + feats.float().mean()
+        return total
 
-    out: dict[str, float] = {}
-    for i, x in enumerate(images):
-        name = "student_forward" if len(images) == 1 else ("student_forward_source", "student_forward_target")[i]
-        out[name] = _median(lambda x=x: forward(x), warmup, iters, device)
-    if "target" in batch:
-        ema, full = task.ema.module, batch["target"]["full"]
+    def once() -> dict[str, float]:
+        out: dict[str, float] = {}
+        with autocast(device, amp):
+            for name, x in zip(names, images, strict=True):
+                out[name] = _timed(lambda x=x: net(x), device)
+        if "target" in batch:
+            ema, full = task.ema.module, batch["target"]["full"]
 
-        def ema_forward() -> None:
-            with torch.no_grad(), autocast(device, amp):
-                ema(full.float() / 255.0)
+            def ema_forward() -> None:
+                with torch.no_grad(), autocast(device, amp):
+                    ema(full.float() / 255.0)
 
-        out["ema_forward"] = _median(ema_forward, warmup, iters, device)
-    graphs: list[torch.Tensor] = []
+            out["ema_forward"] = _timed(ema_forward, device)
+        graph = build()
 
-    def build() -> None:
-        total = torch.zeros((), device=device)
-        for x in images:
-            logits, feats = forward(x)
-            total = total + logits.float().mean() + feats.float().mean()
-        graphs.append(total)
+        def backward() -> None:
+            graph.backward()
+            net.zero_grad(set_to_none=True)
 
-    def backward() -> None:
-        graphs.pop().backward()
-        net.zero_grad(set_to_none=True)
+        out["backward"] = _timed(backward, device)
+        return out
 
-    out["backward"] = _median(backward, warmup, iters, device, before=build)
-    return out
+    return once
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
