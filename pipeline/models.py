@@ -466,8 +466,10 @@ class ModelEMA:
             else:
                 ints.append((e, p))
         buffers = dict(src.named_buffers())
-        ema_buf = [b for _, b in self.module.named_buffers()]
-        cur_buf = [buffers[name] for name, _ in self.module.named_buffers()]
+        ema_buf, cur_buf = [], []
+        for name, b in self.module.named_buffers():
+            ema_buf.append(b)
+            cur_buf.append(buffers[name])
         return ema, cur, ema_buf, cur_buf, ints
 
     def state_dict(self) -> dict[str, torch.Tensor]:

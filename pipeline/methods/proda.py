@@ -156,7 +156,8 @@ def rectified_quality(ctx: Context, data: Data, task: ProDATask, store_path: Pat
         lab, prob = rectify(soft, omega, 0.0, IGNORE)
         for j in range(len(samples)):
             gt = batch["label"][j].numpy()
-            raw_acc.update(class_argmax(soft[j], 0).cpu().numpy(), soft[j].max(0).values.cpu().numpy(), gt)
+            conf, raw = soft[j].max(0)  # one reduction for the raw label and its confidence
+            raw_acc.update(raw.cpu().numpy(), conf.cpu().numpy(), gt)
             rect_acc.update(lab[j].cpu().numpy(), prob[j].max(0).values.cpu().numpy(), gt)
     return {"raw": raw_acc.summary(ctx.class_names), "rectified": rect_acc.summary(ctx.class_names)}
 
