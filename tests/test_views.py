@@ -20,6 +20,7 @@ from pipeline.data.views import (
     _geometric_inverse,
     _pixel_to_centred,
     _pixel_to_norm,
+    coords_at,
     downsample_valid,
     make_strong_view,
     make_weak_view,
@@ -285,6 +286,22 @@ def test_warp_to_view_cell_centres_match_interpolate() -> None:
     for out in [(12, 20), (6, 10), (24, 40), (5, 7)]:
         ref = F.interpolate(src, size=out, mode="bilinear", align_corners=False)
         assert torch.allclose(warp_to_view(src, coords, out), ref, atol=1e-5), out
+
+
+def test_coords_side_by_side_warp_in_one_call() -> None:
+    # Stage 1 samples the EMA features at two views' pixels in one call: coords_at both maps, concatenated along
+    # the width, must give the two separate warps side by side (also with pixels outside the source).
+    gen = torch.Generator().manual_seed(0)
+    src = torch.rand(2, 5, 12, 20, generator=gen)
+    a = _identity_coords(48, 80).expand(2, -1, -1, -1)
+    b = a.flip(-1) * 1.2 - 3.0  # mirrored, scaled, partly outside
+    out = (12, 20)
+    both = torch.cat([coords_at(a, out), coords_at(b, out)], dim=-1)
+    assert both.shape == (2, 2, 12, 40) and both.dtype == torch.float32
+    joint = warp_to_view(src, both)
+    assert torch.equal(joint[..., :20], warp_to_view(src, a, out))
+    assert torch.equal(joint[..., 20:], warp_to_view(src, b, out))
+    assert coords_at(a[0], out).shape == (2, 12, 20) and torch.equal(coords_at(a, (48, 80)), a)
 
 
 def test_warp_to_view_shapes_fill_and_dtypes() -> None:

@@ -236,8 +236,8 @@ def warp_to_view(
             c4 = c4.expand(s4.shape[0], -1, -1, -1)
         else:
             raise ValueError(f"batch sizes differ: src {s4.shape[0]}, coords {c4.shape[0]}")
-    if out_size is not None and tuple(out_size) != tuple(c4.shape[-2:]):
-        c4 = F.interpolate(c4, size=tuple(out_size), mode="bilinear", align_corners=False)
+    if out_size is not None:
+        c4 = coords_at(c4, out_size)
     grid = c4.permute(0, 2, 3, 1).contiguous()
     work_dtype = s4.dtype if s4.dtype in (torch.float32, torch.float64) else torch.float32
     out = F.grid_sample(s4.to(work_dtype), grid.to(work_dtype), mode=mode, padding_mode="border", align_corners=False)
@@ -251,6 +251,17 @@ def warp_to_view(
     if not (src_batched or coords_batched):
         out = out.squeeze(0)
     return out.squeeze(-3) if channelless else out
+
+
+def coords_at(coords: Tensor, out_size: tuple[int, int]) -> Tensor:
+    """View coords ([2, H, W] or [B, 2, H, W]) at the centres of an ``out_size`` grid, as ``warp_to_view``
+    samples them (float32). Maps of one size can be concatenated along the width and warped in one call."""
+    c = coords.to(torch.float32)
+    if tuple(out_size) == tuple(c.shape[-2:]):
+        return c
+    c4 = c if c.dim() == 4 else c.unsqueeze(0)
+    c4 = F.interpolate(c4, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return c4 if c.dim() == 4 else c4.squeeze(0)
 
 
 def downsample_valid(valid: Tensor, out_size: tuple[int, int]) -> Tensor:

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import ModelParams, OptimParams, PreciseBNParams, StrongParams, ViewParams
@@ -20,6 +19,7 @@ from pipeline.engine.loop import FitResult, Stream, Task, evaluate, fit
 from pipeline.files import write_json
 from pipeline.maths.losses import cross_entropy
 from pipeline.maths.metrics import write_per_class_csv
+from pipeline.maths.resize import resize_bilinear
 from pipeline.models import estimate_bn_stats, source_bn_frozen
 from pipeline.store.pseudo_store import PseudoLabelStore
 
@@ -91,7 +91,8 @@ def target_size(crop: torch.Size | tuple[int, int], scale: float) -> tuple[int, 
 
 
 def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+    """Bilinear float32 upsampling of logits/features for a training loss (backward as matrix products)."""
+    return resize_bilinear(x, size)
 
 
 def source_forward(

@@ -14,11 +14,14 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.data.ignore import IGNORE_INDEX
+from pipeline.maths.resize import resize_bilinear
 
 __all__ = [
     "cross_entropy",
@@ -42,10 +45,7 @@ TARGET_LABEL = 0.0
 
 def _match_size(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Upsample ``logits`` bilinearly to ``size`` (h, w) when they differ; always returns float32."""
-    logits = logits.float()
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-    return logits
+    return resize_bilinear(logits, size)
 
 
 def _valid_mask(valid: Tensor | None, b: int, h: int, w: int, device: torch.device) -> Tensor:
@@ -82,9 +82,9 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
     _check_target(logits, target)
     logits = _match_size(logits, target.shape[-2:])
     target = target.long()
-    valid = target != ignore_index
-    per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
-    return _masked_mean(per_pixel, valid)
+    # A sum over the non-ignored pixels: no per-pixel tensor, mask or where() at the label's full size.
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp_min(1)
 
 
 def symmetric_ce(
@@ -108,10 +108,8 @@ def symmetric_ce(
     target = target.long()
     valid = target != ignore_index
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
-    # gather needs an in-range index: ignored pixels read class 0 and are masked out afterwards.
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    p_y = F.softmax(logits, dim=1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
-    rce = -torch.log(torch.tensor(log_clamp, dtype=logits.dtype, device=logits.device)) * (1.0 - p_y)
+    # p_y = softmax(logits)_y = exp(-CE): no second softmax and gather (ignored pixels give CE 0, masked below).
+    rce = -math.log(log_clamp) * (1.0 - torch.exp(-ce))
     return _masked_mean(alpha * ce + beta * rce, valid)
 
 

@@ -24,7 +24,7 @@ from torch.profiler import record_function
 
 from pipeline.config import AdaptParams
 from pipeline.data.labels import IGNORE_INDEX as IGNORE
-from pipeline.data.views import downsample_valid, warp_to_view
+from pipeline.data.views import coords_at, downsample_valid, warp_to_view
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, model_params, read_model
 from pipeline.engine.loop import autocast, build_optimizer, collate
@@ -98,13 +98,16 @@ class ProDATask:
             protos, ok = self.bank.protos, self.bank.initialized
             # Fixed soft pseudo labels and EMA features, brought into the weak view's geometry.
             p0 = warp_to_view(tgt["soft"].float(), tgt["weak_coords"], out_size)
-            f_weak = warp_to_view(f_full, tgt["weak_coords"], out_size)
-            omega = torch.softmax(proto_logits(f_weak, protos, p.tau, ok), dim=1) if p.rectify else torch.ones_like(p0)
+            # The EMA's prototype logits at the weak view's pixels (for ω) and at the strong view's (z_T), from
+            # one warp and one distance computation over both coordinate maps side by side.
+            w = out_size[1]
+            both = torch.cat([coords_at(tgt["weak_coords"], out_size), coords_at(tgt["coords"], out_size)], dim=-1)
+            e_proto = proto_logits(warp_to_view(f_full, both), protos, p.tau, ok)
+            omega = torch.softmax(e_proto[..., :w], dim=1) if p.rectify else torch.ones_like(p0)
             target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
             raw = class_argmax(p0)
             logs["rect_changed"] = ((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1)
-            # z_T: assignments of the EMA features at the strong view's pixels.
-            z_t = proto_logits(warp_to_view(f_full, tgt["coords"], out_size), protos, p.tau, ok)
+            z_t = e_proto[..., w:]
             # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
             self._proto_batch = (f_full, class_argmax(e_logits))
 

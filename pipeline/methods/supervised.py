@@ -31,6 +31,7 @@ from pipeline.engine.training import (
 )
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
+from pipeline.maths.resize import resize_bilinear
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
 
 
@@ -84,7 +85,7 @@ class SupervisedTask:
         # One forward over both domains: a single DDP forward per step, and shared BN statistics.
         logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
         size = src["image"].shape[-2:]
-        probs = F.softmax(F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False), dim=1)
+        probs = F.softmax(resize_bilinear(logits, size), dim=1)
         ce = cross_entropy(logits[:n], src["label"])
         # Generator term through a frozen copy of the discriminator's weights, so it updates only the net.
         d = unwrap(self.disc)
