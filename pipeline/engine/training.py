@@ -19,7 +19,6 @@ from pipeline.engine.loop import FitResult, Stream, Task, evaluate, fit
 from pipeline.files import write_json
 from pipeline.maths.losses import cross_entropy
 from pipeline.maths.metrics import write_per_class_csv
-from pipeline.maths.resize import resize_bilinear
 from pipeline.models import estimate_bn_stats, source_bn_frozen
 from pipeline.store.pseudo_store import PseudoLabelStore
 
@@ -88,11 +87,6 @@ class TargetViews:
 def target_size(crop: torch.Size | tuple[int, int], scale: float) -> tuple[int, int]:
     """Size at which target-side terms are computed: `scale` of the crop (the paper: 1/4 of 896x512)."""
     return (max(1, round(crop[0] * scale)), max(1, round(crop[1] * scale)))
-
-
-def upsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear float32 upsampling of logits/features for a training loss (backward as matrix products)."""
-    return resize_bilinear(x, size)
 
 
 def source_forward(

@@ -43,11 +43,6 @@ SOURCE_LABEL = 1.0
 TARGET_LABEL = 0.0
 
 
-def _match_size(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Upsample ``logits`` bilinearly to ``size`` (h, w) when they differ; always returns float32."""
-    return resize_bilinear(logits, size)
-
-
 def _valid_mask(valid: Tensor | None, b: int, h: int, w: int, device: torch.device) -> Tensor:
     """Broadcast an optional bool mask to ``[B, h, w]``."""
     if valid is None:
@@ -80,7 +75,7 @@ def _check_target(logits: Tensor, target: Tensor) -> None:
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Pixel-wise cross entropy, mean over pixels whose target is not ``ignore_index``."""
     _check_target(logits, target)
-    logits = _match_size(logits, target.shape[-2:])
+    logits = resize_bilinear(logits, target.shape[-2:])
     target = target.long()
     # A sum over the non-ignored pixels: no per-pixel tensor, mask or where() at the label's full size.
     total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
@@ -104,7 +99,7 @@ def symmetric_ce(
     Both terms are averaged over the non-ignored pixels.
     """
     _check_target(logits, target)
-    logits = _match_size(logits, target.shape[-2:])
+    logits = resize_bilinear(logits, target.shape[-2:])
     target = target.long()
     valid = target != ignore_index
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
@@ -175,7 +170,7 @@ def kd_kl(teacher_probs: Tensor, student_logits: Tensor, valid: Tensor | None = 
     if teacher_probs.dim() != 4 or student_logits.dim() != 4:
         raise ValueError("teacher_probs and student_logits must be [B,K,h,w]")
     b, k, h, w = teacher_probs.shape
-    log_s = F.log_softmax(_match_size(student_logits, (h, w)), dim=1)
+    log_s = F.log_softmax(resize_bilinear(student_logits, (h, w)), dim=1)
     p_t = teacher_probs.detach().float()
     # xlogy gives 0 log 0 = 0; where() drops classes without teacher mass (the student may be -inf there).
     terms = torch.xlogy(p_t, p_t) - p_t * log_s

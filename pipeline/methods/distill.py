@@ -27,11 +27,11 @@ from pipeline.engine.training import (
     source_forward,
     stream,
     target_size,
-    upsample,
     wrap_ddp,
 )
 from pipeline.files import sha256_file
 from pipeline.maths.losses import kd_kl, masked_ce_hard
+from pipeline.maths.resize import resize_bilinear
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
 
@@ -63,7 +63,7 @@ class DistillTask:
         p, src, tgt = self.p, batch["source"], batch["target"]
         total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
         out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
-        s_logits = upsample(self.net(tgt["image"])[0], out_size)
+        s_logits = resize_bilinear(self.net(tgt["image"])[0], out_size)
         with torch.no_grad():
             valid = downsample_valid(tgt["valid"], out_size)
             if "soft" in tgt:

@@ -38,13 +38,13 @@ from pipeline.engine.training import (
     source_forward,
     stream,
     target_size,
-    upsample,
     wrap_ddp,
 )
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.maths.metrics import class_argmax
 from pipeline.maths.prototypes import PrototypeBank, proto_logits, rectify
+from pipeline.maths.resize import resize_bilinear
 from pipeline.models import ModelEMA, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import QualityAccumulator
@@ -86,7 +86,7 @@ class ProDATask:
         with record_function("stage1/target_forward"):
             logits, feats = self.net(torch.cat([tgt["weak_image"], tgt["image"]]))
         with record_function("stage1/upsample_masks"):
-            w_logits, s_feat = upsample(logits[:n], out_size), upsample(feats[n:], out_size)
+            w_logits, s_feat = resize_bilinear(logits[:n], out_size), resize_bilinear(feats[n:], out_size)
             w_valid = downsample_valid(tgt["weak_valid"], out_size)
             s_valid = downsample_valid(tgt["valid"], out_size)
         with torch.no_grad(), record_function("stage1/ema_forward"):

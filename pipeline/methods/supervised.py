@@ -85,8 +85,9 @@ class SupervisedTask:
         # One forward over both domains: a single DDP forward per step, and shared BN statistics.
         logits, _ = self.net(torch.cat([src["image"], tgt["image"]]))
         size = src["image"].shape[-2:]
-        probs = F.softmax(resize_bilinear(logits, size), dim=1)
-        ce = cross_entropy(logits[:n], src["label"])
+        up = resize_bilinear(logits, size)  # once for both domains: the CE reuses the source half
+        probs = F.softmax(up, dim=1)
+        ce = cross_entropy(up[:n], src["label"])
         # Generator term through a frozen copy of the discriminator's weights, so it updates only the net.
         d = unwrap(self.disc)
         frozen = {k: v.detach() for k, v in d.named_parameters()}
