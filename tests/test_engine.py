@@ -329,6 +329,17 @@ def test_stream_resumes_at_its_position_and_leaves_global_rng_alone():
             assert torch.equal(got["image"], want["image"]) and got["seed"] == want["seed"]
 
 
+def test_stream_batches_do_not_depend_on_worker_processes():
+    # `data.num_workers` only moves loading out of the training process (the default is 0, faster on 2 cores):
+    # the batches and their augmentation seeds across epoch boundaries are the same with a worker.
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    inline, worker = Stream(_Indexed(), 2, 5, info, num_workers=0), Stream(_Indexed(), 2, 5, info, num_workers=1)
+    for _ in range(7):
+        a, b = inline.next(), worker.next()
+        assert torch.equal(a["image"], b["image"]) and a["seed"] == b["seed"]
+    assert inline.state_dict() == worker.state_dict() == {"epoch": 2, "batch": 1}
+
+
 def test_poly_schedule_values() -> None:
     from pipeline.engine.loop import apply_poly, poly_factor
 
