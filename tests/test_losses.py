@@ -15,6 +15,7 @@ from pipeline.maths.losses import (
     lsgan_d_loss,
     lsgan_g_loss,
     masked_ce_hard,
+    pixel_cross_entropy,
     structure_kl,
     symmetric_ce,
 )
@@ -47,6 +48,48 @@ def test_cross_entropy_upsamples_logits_to_target() -> None:
     target = torch.randint(0, 3, (1, 4, 4))
     up = F.interpolate(logits, size=(4, 4), mode="bilinear", align_corners=False)
     assert cross_entropy(logits, target).item() == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((12, 24), (96, 192)), ((6, 6), (6, 6)), ((5, 7), (9, 4))])
+@pytest.mark.parametrize("amp", [False, True])
+def test_pixel_cross_entropy_equals_torch_values_and_grads(src, dst, amp: bool) -> None:
+    # The hand-written forward/backward against F.cross_entropy on F.interpolate'd logits (float32 reference
+    # on the same, possibly bf16-rounded, logits), with ignored pixels and an arbitrary upstream gradient.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, *src, generator=gen) * 4
+    x = (x.bfloat16() if amp else x).contiguous(memory_format=torch.channels_last).requires_grad_()
+    target = torch.randint(0, 5, (2, *dst), generator=gen)
+    target[0, :2] = 255
+    upstream = torch.rand(2, *dst, generator=gen)
+    ref_in = x.detach().float().requires_grad_()
+    up = F.interpolate(ref_in, size=dst, mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(up, target, ignore_index=255, reduction="none")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        per = pixel_cross_entropy(x, target)
+    assert per.dtype == torch.float32 and per.shape == target.shape
+    assert torch.all(per[0, :2] == 0)
+    torch.testing.assert_close(per, ref, atol=2e-5, rtol=1e-5)
+    (per * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    assert x.grad.dtype == x.dtype
+    torch.testing.assert_close(x.grad.float(), ref_in.grad, atol=1e-2 if amp else 2e-5, rtol=1e-2 if amp else 1e-5)
+
+
+def test_pixel_cross_entropy_hand_value_and_gradient() -> None:
+    # logits [0, ln 3], label 1: CE = -log(3/4); dCE/dz = softmax - onehot = [1/4, -1/4].
+    z = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1).requires_grad_()
+    per = pixel_cross_entropy(z, torch.tensor([[[1]]]))
+    assert per.item() == pytest.approx(-math.log(0.75), rel=1e-6)
+    per.sum().backward()
+    torch.testing.assert_close(z.grad.view(-1), torch.tensor([0.25, -0.25]))
+
+
+def test_pixel_cross_entropy_refuses_a_second_backward() -> None:
+    z = torch.randn(1, 3, 2, 2, requires_grad=True)
+    loss = cross_entropy(z, torch.randint(0, 3, (1, 4, 4)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        loss.backward()
 
 
 # ---------------------------------------------------------------- symmetric CE

@@ -54,6 +54,23 @@ def test_proto_logits_empty_prototypes_and_float32() -> None:
     assert torch.isfinite(feat.grad).all()
 
 
+def test_proto_logits_equal_direct_distances_in_both_memory_formats() -> None:
+    # The ||f||^2 - 2 f.eta + ||eta||^2 expansion (one batched GEMM) against the [B, K, D, h, w] difference,
+    # on NCHW and NHWC (channels_last) features, values and gradients.
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 8, 5, 7, generator=gen) * 3
+    protos = torch.randn(4, 8, generator=gen)
+    direct = -(feat.unsqueeze(1) - protos.view(1, 4, 8, 1, 1)).norm(dim=2) / 0.5
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        f = feat.clone().contiguous(memory_format=fmt).requires_grad_()
+        out = proto_logits(f, protos, 0.5)
+        torch.testing.assert_close(out, direct, atol=1e-4, rtol=1e-5)
+        out.sum().backward()
+        grads.append(f.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_never_seen_class_keeps_a_finite_logit_and_can_be_chosen() -> None:
     # Three classes, prototype 2 never initialised. Distances to prototypes 0/1: 1 and 3 -> logits -1, -3;
     # class 2 gets their mean, -2: finite. omega = softmax(-1, -3, -2) = (0.665241, 0.090031, 0.244728).

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.maths.resize import interp_matrix, resize_bilinear
+from pipeline.maths.resize import interp_matrix, resize_bilinear, resize_bilinear_adjoint
 
 
 def test_interp_matrix_hand_values() -> None:
@@ -49,3 +49,24 @@ def test_resize_casts_to_float_and_keeps_same_size() -> None:
         resize_bilinear(torch.randn(2, 3, 4), (6, 8))
     with pytest.raises(ValueError, match="sizes must be positive"):
         interp_matrix(0, 3)
+
+
+@pytest.mark.parametrize(("src", "dst"), [((12, 24), (96, 192)), ((7, 5), (13, 3))])
+def test_adjoint_is_the_gradient_of_resize(src, dst) -> None:
+    # <resize(x), g> = <x, adjoint(g)> for all x, g: the adjoint is resize's gradient.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, *src, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, *dst, generator=gen)
+    resize_bilinear(x, dst).backward(g)
+    adj = resize_bilinear_adjoint(g, src)
+    assert adj.shape == x.shape
+    torch.testing.assert_close(adj, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_is_float32_under_autocast() -> None:
+    x = torch.randn(1, 2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = resize_bilinear(x.bfloat16(), (6, 8))
+    ref = F.interpolate(x.bfloat16().float(), size=(6, 8), mode="bilinear", align_corners=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)

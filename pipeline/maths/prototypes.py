@@ -55,11 +55,10 @@ def proto_logits(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: T
         centre = eta.mean(dim=0)
         eta = eta - centre
         f = feat.float() - centre.view(1, -1, 1, 1)
-        sq = (
-            (f * f).sum(dim=1, keepdim=True)
-            - 2.0 * torch.einsum("bdhw,kd->bkhw", f, eta)
-            + (eta * eta).sum(dim=1).view(1, -1, 1, 1)
-        )
+        b, _, h, w = f.shape
+        # [K, D] @ [B, D, h*w]: a batched GEMM on f as it lies (NCHW or NHWC), no permuted copies in or out.
+        dot = torch.matmul(eta, f.flatten(2)).view(b, -1, h, w)
+        sq = (f * f).sum(dim=1, keepdim=True) - 2.0 * dot + (eta * eta).sum(dim=1).view(1, -1, 1, 1)
         logits = -sq.clamp_min(1e-12).sqrt() / tau
         if valid_protos is not None:
             vp = valid_protos.to(device=f.device, dtype=torch.bool).view(1, -1, 1, 1)

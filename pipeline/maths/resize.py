@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["interp_matrix", "resize_bilinear"]
+__all__ = ["interp_matrix", "resize_bilinear", "resize_bilinear_adjoint"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -43,14 +43,20 @@ def interp_matrix(n_in: int, n_out: int, device: torch.device | str = "cpu") -> 
 
 
 def resize_bilinear(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Resize ``x`` ``[B, C, h, w]`` bilinearly to ``size`` (H, W); float32, contiguous ``[B, C, H, W]``."""
+    """Resize ``x`` ``[B, C, h, w]`` bilinearly to ``size`` (H, W); float32 (also under autocast), contiguous
+    ``[B, C, H, W]``."""
     if x.dim() != 4:
         raise ValueError(f"expected [B, C, h, w], got {tuple(x.shape)}")
     x = x.float()
     (h, w), (out_h, out_w) = x.shape[-2:], tuple(size)
     if (h, w) == (out_h, out_w):
         return x
-    b, c = x.shape[:2]
+    with torch.autocast(x.device.type, enabled=False):  # float32 also under autocast (no bf16 casts around it)
+        return _resize(x, out_h, out_w)
+
+
+def _resize(x: Tensor, out_h: int, out_w: int) -> Tensor:
+    b, c, h, w = x.shape
     # Height first, on the transposed low-resolution map, then width: each pass is one large GEMM over
     # [rows, in] @ [in, out] (a broadcast [H, h] @ [B, C, h, W] would be B*C small batched GEMMs), and the
     # second GEMM writes the full-size result contiguously, so only small maps are ever transposed.
@@ -58,3 +64,17 @@ def resize_bilinear(x: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     t = (t @ interp_matrix(h, out_h, x.device).T).view(b, c, w, out_h).transpose(-1, -2)
     t = t.reshape(b * c * out_h, w)  # [B*C*H, w]
     return (t @ interp_matrix(w, out_w, x.device).T).view(b, c, out_h, out_w)
+
+
+def resize_bilinear_adjoint(grad: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """The adjoint of :func:`resize_bilinear` to ``size`` (h, w): ``A_h^T @ grad @ A_w``, i.e. the gradient of
+    the resized map's sum weighted by ``grad`` ``[B, C, H, W]`` with respect to the ``[B, C, h, w]`` input.
+
+    For hand-written backward passes (the fused cross entropy): width first, on the large map's contiguous
+    rows, so that only the small intermediate is transposed. Returns a ``[B, C, h, w]`` view, not contiguous.
+    """
+    b, c, out_h, out_w = grad.shape
+    h, w = tuple(size)
+    t = grad.reshape(b * c * out_h, out_w) @ interp_matrix(w, out_w, grad.device)  # [B*C*H, w]
+    t = t.view(b, c, out_h, w).transpose(-1, -2).reshape(b * c * w, out_h)  # [B*C*w, H] (a small copy)
+    return (t @ interp_matrix(h, out_h, grad.device)).view(b, c, w, h).transpose(-1, -2)

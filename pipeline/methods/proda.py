@@ -97,11 +97,12 @@ class ProDATask:
         with torch.no_grad(), record_function("stage1/rectify_warps_prototypes"):
             protos, ok = self.bank.protos, self.bank.initialized
             # Fixed soft pseudo labels and EMA features, brought into the weak view's geometry.
-            p0 = warp_to_view(tgt["soft"].float(), tgt["weak_coords"], out_size)
+            weak_at = coords_at(tgt["weak_coords"], out_size)
+            p0 = warp_to_view(tgt["soft"].float(), weak_at)
             # The EMA's prototype logits at the weak view's pixels (for ω) and at the strong view's (z_T), from
             # one warp and one distance computation over both coordinate maps side by side.
             w = out_size[1]
-            both = torch.cat([coords_at(tgt["weak_coords"], out_size), coords_at(tgt["coords"], out_size)], dim=-1)
+            both = torch.cat([weak_at, coords_at(tgt["coords"], out_size)], dim=-1)
             e_proto = proto_logits(warp_to_view(f_full, both), protos, p.tau, ok)
             omega = torch.softmax(e_proto[..., :w], dim=1) if p.rectify else torch.ones_like(p0)
             target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
