@@ -88,8 +88,12 @@ class _PixelCE(torch.autograd.Function):
     def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:  # type: ignore[override]
         in_size = tuple(logits.shape[-2:])
         resized = in_size != tuple(target.shape[-2:])
-        with torch.autocast(logits.device.type, enabled=False):  # float32 throughout, also under autocast
-            u = resize_bilinear(logits, target.shape[-2:]) if resized else logits.float().contiguous().clone()
+        # A float32 buffer of our own (resize_bilinear computes in float32 also under autocast; no op below is
+        # one autocast lowers): the in-place ops must not touch the caller's logits.
+        if resized:
+            u = resize_bilinear(logits, target.shape[-2:])
+        else:
+            u = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         valid = (target != ignore_index).unsqueeze(1)
         y = torch.where(valid, target.unsqueeze(1), 0)
         m = u.amax(dim=1, keepdim=True)
