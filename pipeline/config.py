@@ -188,6 +188,8 @@ class WarmupParams(Strict):
 
 
 class OracleParams(Strict):
+    # False for a target without train labels (your fleet's images): no oracle model, no gap-closed figure.
+    enabled: bool
     optim: OptimParams
     view: ViewParams
 

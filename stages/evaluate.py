@@ -18,7 +18,7 @@ from pipeline.report.summary import format_summary
 
 
 def stage_models(params: Params, models: Path) -> list[StageModel]:
-    """The models of a run in report order: [source_only,] warmup, adapt, distill_1..N, oracle.
+    """The models of a run in report order: [source_only,] warmup, adapt, distill_1..N[, oracle].
 
     With ``warmup.target_bn`` the warm-up saw target images (their BatchNorm statistics), so the model as
     trained on the source is its own row, ``source_only``, and the gap is measured from it.
@@ -28,7 +28,8 @@ def stage_models(params: Params, models: Path) -> list[StageModel]:
     out += [StageModel(WARMUP, WARMUP, models / "warmup"), StageModel(ADAPT, ADAPT, models / "adapt")]
     for r in sorted(params.distill.rounds):
         out.append(StageModel(f"distill_{r}", f"distill@{r}", models / f"distill_{r}"))
-    out.append(StageModel(ORACLE, ORACLE, models / "oracle"))
+    if params.oracle.enabled:
+        out.append(StageModel(ORACLE, ORACLE, models / "oracle"))
     return out
 
 

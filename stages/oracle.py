@@ -1,4 +1,5 @@
-"""Stage `oracle`: the same engine trained on target-train labels; the upper bound of the final report.
+"""Stage `oracle`: the same engine trained on target-train labels; the upper bound of the final report
+(``oracle.enabled: false`` for a target without train labels: a note instead of a model).
 
 Usage: python -m stages.oracle --manifests data/manifests --out models/oracle --metrics metrics/oracle.json
        --plots plots/oracle
@@ -8,7 +9,7 @@ import argparse
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
-from pipeline.methods.supervised import train_supervised
+from pipeline.methods.supervised import train_oracle
 from pipeline.orchestration.stage import run_stage, stage_parser
 from stages.common import training_args, training_outputs
 
@@ -16,7 +17,7 @@ from stages.common import training_args, training_outputs
 def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
     data = Data(params.data, args.manifests)
     out = training_outputs(args)
-    return train_supervised(ctx, data, params.oracle, params.model, "target_train", out, params.evaluate.batch_size)
+    return train_oracle(ctx, data, params.oracle, params.model, out, params.evaluate.batch_size)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,13 @@ def test_default_and_presets_load():
             {"fog": 1},
             r"data\.embedded\.target_style: .*unknown style knob\(s\) \['fog'\]",
         ),
+        ("data.embedded.target_style", {"person_rate": -1}, r"target_style: .*person_rate must be >= 0, got -1"),
+        (
+            "data.embedded.source_style",
+            {"class_frequency": {"truck": -0.5}},
+            r"source_style: .*class_frequency: multipliers must be >= 0, got \{'truck': -0.5\}",
+        ),
+        ("data.embedded.target_style", {"ego_vehicle": 1.5}, r"target_style: .*ego_vehicle < 1"),
         ("distill.rounds", {"1": {"teacher": "models/adapt"}, "3": {"teacher": "x"}}, r"rounds: keys must be 1\.\.N"),
     ],
 )

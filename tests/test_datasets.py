@@ -1,6 +1,8 @@
 """Loaders of the real layouts on small fixture trees, and their bad-input errors."""
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +15,23 @@ from pipeline.data.labels import SYNTHIA_IDS_16, class_names
 def _png(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def _png16(path, arr):
+    """A 16-bit PNG (grey or RGB), as SYNTHIA ships its labels; Pillow cannot write 16-bit RGB."""
+    arr = np.asarray(arr, dtype=">u2")
+    h, w = arr.shape[:2]
+    colour_type = 2 if arr.ndim == 3 else 0
+
+    def chunk(tag, body):
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    rows = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))  # filter type 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
 
 
 def make_gta5(root, n=2, label_value=7):
@@ -39,10 +58,8 @@ def make_synthia(root, n=2):
         lab = np.zeros((8, 12, 3), np.uint16)
         lab[..., 0] = 3  # road
         lab[4:, :, 0] = 21  # wall (SYNTHIA id 21 -> wall)
-        path = root / "GT" / "LABELS" / f"{i:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # 16-bit multi-channel PNGs are written with cv2 in the real data; PIL stores channel 0 as I;16.
-        Image.fromarray(lab[..., 0].astype(np.uint16)).save(path)
+        lab[..., 1] = 300 + i  # instance id in another channel, above 255
+        _png16(root / "GT" / "LABELS" / f"{i:07d}.png", lab)
 
 
 def test_gta5_ids_map_to_train_ids(tmp_path):
@@ -74,6 +91,20 @@ def test_synthia_id_map(tmp_path):
     assert SYNTHIA_IDS_16[3] == 21
     lab13 = SegDataset(scan("synthia", tmp_path), LabelMapper("synthia", 13))[0]["label"].numpy()
     assert lab13[5, 0] == 255  # wall is dropped in the 13-class protocol
+
+
+def test_synthia_labels_keep_16_bits(tmp_path):
+    # Channel 0 of a 16-bit grey label reads as written; an ID above 255 is not folded into a valid one.
+    grey = np.full((4, 6), 3, np.uint16)  # road
+    grey[0, 0] = 256 + 3
+    _png16(tmp_path / "grey.png", grey)
+    m = LabelMapper("synthia", 16)
+    assert m.read_ids(tmp_path / "grey.png")[0, 0] == 259
+    with pytest.raises(DatasetError, match=r"grey.png holds IDs outside the synthia ID set: \[259\]"):
+        m.read(tmp_path / "grey.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "grey.png").read_bytes()[:30])
+    with pytest.raises(DatasetError, match="cannot read label .*cut.png"):
+        m.read(tmp_path / "cut.png")
 
 
 def test_resize_on_read(tmp_path):
@@ -117,8 +148,8 @@ def test_prepare_writes_manifests_with_counts(tmp_path):
     make_cityscapes(tmp_path / "cs", "train", "aachen")
     make_cityscapes(tmp_path / "cs", "val", "lindau", n=1)
     data = SimpleNamespace(
-        source=SimpleNamespace(kind="gta5", root=str(tmp_path / "gta")),
-        target=SimpleNamespace(kind="cityscapes", root=str(tmp_path / "cs")),
+        source=SimpleNamespace(kind="gta5", root=str(tmp_path / "gta"), resize=None),
+        target=SimpleNamespace(kind="cityscapes", root=str(tmp_path / "cs"), resize=None),
         num_classes=19,
     )
     summary = prepare_manifests(data, tmp_path / "m", class_names(19))
@@ -138,9 +169,51 @@ def test_prepare_rejects_corrupt_label(tmp_path):
     bad = tmp_path / "cs" / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png"
     Image.fromarray(np.full((8, 12), 99, np.uint8)).save(bad)
     data = SimpleNamespace(
-        source=SimpleNamespace(kind="gta5", root=str(tmp_path / "gta")),
-        target=SimpleNamespace(kind="cityscapes", root=str(tmp_path / "cs")),
+        source=SimpleNamespace(kind="gta5", root=str(tmp_path / "gta"), resize=None),
+        target=SimpleNamespace(kind="cityscapes", root=str(tmp_path / "cs"), resize=None),
         num_classes=19,
     )
     with pytest.raises(DatasetError, match="lindau_000000_000019_gtFine_labelIds.png holds IDs outside"):
         prepare_manifests(data, tmp_path / "m", class_names(19))
+
+
+def _data(tmp_path, source_resize=None, target_resize=None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        source=SimpleNamespace(kind="gta5", root=str(tmp_path / "gta"), resize=source_resize),
+        target=SimpleNamespace(kind="cityscapes", root=str(tmp_path / "cs"), resize=target_resize),
+        num_classes=19,
+    )
+
+
+def test_label_of_another_size_is_an_error_unless_the_split_is_resized(tmp_path, capsys):
+    # GTA5 has a few images whose label differs in size; read at one size, the pair is usable.
+    make_gta5(tmp_path / "gta")
+    make_cityscapes(tmp_path / "cs", "train")
+    make_cityscapes(tmp_path / "cs", "val", "lindau", n=1)
+    _png(tmp_path / "gta" / "labels" / "00001.png", np.full((10, 12), 7, np.uint8))
+    with pytest.raises(DatasetError, match=r"labels/00001.png is 12x10, its image .*images/00001.png is 12x8"):
+        prepare_manifests(_data(tmp_path), tmp_path / "m", class_names(19))
+    summary = prepare_manifests(_data(tmp_path, source_resize=(8, 12)), tmp_path / "m", class_names(19))
+    assert summary["source"] == {"images": 2, "labelled": 2, "label_size_differs": 1}
+    assert "1 label(s) differ in size" in capsys.readouterr().out
+    ds = SegDataset(scan("gta5", tmp_path / "gta"), LabelMapper("gta5", 19), size=(8, 12))
+    assert ds[1]["label"].shape == ds[1]["image"].shape[1:] == (8, 12)
+
+
+def test_target_train_of_mixed_sizes_needs_a_resize(tmp_path):
+    make_gta5(tmp_path / "gta")
+    make_cityscapes(tmp_path / "cs", "train")
+    make_cityscapes(tmp_path / "cs", "val", "lindau", n=1)
+    stem = "aachen_000001_000019"
+    _png(
+        tmp_path / "cs" / "leftImg8bit" / "train" / "aachen" / f"{stem}_leftImg8bit.png", np.zeros((6, 10, 3), np.uint8)
+    )
+    _png(tmp_path / "cs" / "gtFine" / "train" / "aachen" / f"{stem}_gtFine_labelIds.png", np.full((6, 10), 7, np.uint8))
+    with pytest.raises(
+        DatasetError, match=r"target train images .* differ in size \(12x8: 1, 10x6: 1\); set data.target.resize"
+    ):
+        prepare_manifests(_data(tmp_path), tmp_path / "m", class_names(19))
+    summary = prepare_manifests(_data(tmp_path, target_resize=(8, 12)), tmp_path / "m", class_names(19))
+    assert summary["target_train"] == {"images": 2, "labelled": 2}

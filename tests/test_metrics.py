@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.labels import train_id_to_label_id
+from pipeline.data.labels import class_names, train_id_to_label_id
 from pipeline.maths.metrics import ConfusionMatrix, class_argmax, confusion_from_label_id_pngs
 
 
@@ -18,6 +18,18 @@ def test_iou_by_hand():
     np.testing.assert_allclose(cm.iou(), [0.5, 2 / 3, 0.0])
     assert cm.miou() == pytest.approx((0.5 + 2 / 3) / 3)
     assert cm.pixel_accuracy() == pytest.approx(3 / 5)
+
+
+def test_16_class_summary_adds_the_13_class_miou_of_the_same_model():
+    # road and sky right (IoU 1); wall predicted as road: wall IoU 0 and road IoU 1/2; pole absent (NaN).
+    names = class_names(16)
+    road, sky, wall = (names.index(n) for n in ("road", "sky", "wall"))
+    cm = ConfusionMatrix(16)
+    cm.update(np.array([road, sky, road]), np.array([road, sky, wall]))
+    out = cm.summary(names)
+    assert out["miou"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)  # road, sky, wall
+    assert out["miou_13"] == pytest.approx(100 * (0.5 + 1) / 2)  # wall, fence, pole left out
+    assert "miou_13" not in ConfusionMatrix(19).summary(class_names(19))
 
 
 def test_absent_class_is_nan_and_excluded():

@@ -25,6 +25,7 @@ from pipeline.data.labels import class_names
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, Data, new_model, save_model
 from pipeline.engine.distributed import DistInfo
+from pipeline.engine.loop import evaluate
 from pipeline.report import evaluation as report
 from pipeline.report import render, summary
 from pipeline.store.pseudo_store import PseudoLabelWriter
@@ -136,7 +137,7 @@ def write_target(root: Path, n_train: int = 3, train_labels: bool = True) -> Non
         if name == "target_val":
             recs = recs[::-1]  # the overlays must pick by sorted id, not manifest order
         write_manifest(
-            root / f"data/manifests/{name}.json", "cityscapes", split, recs, validate_and_count(recs, mapper), NAMES
+            root / f"data/manifests/{name}.json", "cityscapes", split, recs, validate_and_count(recs, mapper)[0], NAMES
         )
 
 
@@ -372,3 +373,54 @@ def test_source_only_row_only_with_target_bn():
     models = stage_models(params, MODELS)
     assert [m.name for m in models][:2] == ["source_only", "warmup"]
     assert models[0].last == Path("models/warmup/source_only.pt") and models[0].best_file is None
+
+
+def test_val_labels_keep_full_resolution_when_the_target_is_resized(tmp_path, monkeypatch):
+    # Images are read at 40x80 (upscaled, as the paper presets do), val labels stay 32x64: the confusion matrix
+    # counts every stored label pixel (the official protocol); the overlays draw image, labels and predictions
+    # at that size.
+    monkeypatch.chdir(tmp_path)
+    ctx = make_ctx()
+    params = parse_params(
+        {**RAW, "data": {**RAW["data"], "target": {"kind": "cityscapes", "root": "cs", "resize": [40, 80]}}}
+    )
+    write_target(tmp_path)
+    write_models(ctx, PREDICTS)
+    data = Data(params.data, Path("data/manifests"))
+    assert data.dataset("target_train", with_labels=True).load(0)["label"].shape == (40, 80)
+    rep = report.build_report(ctx, data, stage_models(params, MODELS), [], final_stage(params), 2, 2)
+    for name, cls in PREDICTS.items():
+        assert rep.stages[name].cm.counts.sum() == N_VAL * VALID
+        assert rep.stages[name].summary["miou"] == pytest.approx(constant_miou(cls), abs=1e-3)
+        assert all(p.shape == (H, W) for p in rep.stages[name].overlay_preds)
+    assert [i.shape for i in rep.overlay_images] == [(H, W, 3)] * 2
+    assert [lab.shape for lab in rep.overlay_labels] == [(H, W)] * 2
+
+
+def test_val_images_of_different_sizes_are_evaluated(tmp_path, monkeypatch):
+    # A fleet's val set with two image sizes: batches hold one size each, every pixel is counted.
+    monkeypatch.chdir(tmp_path)
+    write_target(tmp_path)
+    small = np.full((12, 20), 23, np.uint8)  # sky
+    _png(tmp_path / "cs/leftImg8bit/val/city/city_000009_000019_leftImg8bit.png", np.zeros((12, 20, 3), np.uint8))
+    _png(tmp_path / "cs/gtFine/val/city/city_000009_000019_gtFine_labelIds.png", small)
+    recs = scan("cityscapes", tmp_path / "cs", "val")
+    write_manifest(
+        Path("data/manifests/target_val.json"),
+        "cityscapes",
+        "val",
+        recs,
+        validate_and_count(recs, LabelMapper("cityscapes", 19))[0],
+        NAMES,
+    )
+    val = Data(make_params().data, Path("data/manifests")).dataset("target_val", with_labels=True)
+    cm = evaluate(constant_model(SKY), val, len(NAMES), DistInfo(0, 1, 0, torch.device("cpu")), batch_size=3)
+    assert cm.counts.sum() == N_VAL * VALID + 12 * 20
+    assert cm.counts[SKY, SKY] == N_VAL * GT_PIXELS[SKY] + 12 * 20
+
+
+def test_no_oracle_row_and_no_gap_when_the_oracle_is_off():
+    params = parse_params({**RAW, "oracle": {**RAW["oracle"], "enabled": False}})
+    assert "oracle" not in [m.name for m in stage_models(params, MODELS)]
+    gaps, notes = report.gap_closed({"warmup": 30.0, "adapt": 35.0}, ["adapt"])
+    assert gaps == {"adapt": None} and "no oracle (oracle.enabled)" in notes[0]

@@ -154,3 +154,22 @@ def test_precise_bn_re_estimates_statistics_on_clean_target_images(ws: Path) -> 
     model, _ = read_model(ws / "models/adapt/last.pt", ctx)
     off = {k: v for k, v in model.state_dict().items() if "running_mean" in k}
     assert any(not torch.allclose(v, saved[k], atol=1e-4) for k, v in off.items())
+
+
+def test_partly_labelled_target_train_oracle_and_rectified_quality(ws: Path) -> None:
+    # One target-train image without its label (a fleet's partly annotated set): the oracle says which key
+    # to set, stage 1 measures its pseudo labels on the labelled images, and the oracle can be switched off.
+    labels = sorted((ws / "data/embedded/target/gtFine/train").glob("*/*_gtFine_labelIds.png"))
+    labels[0].unlink()
+    stage("prepare", ws)
+    res = stage("oracle", ws, check=False)
+    assert res.returncode == 1
+    assert "1 of 6 images have none" in res.stderr and "set oracle.enabled: false" in res.stderr
+    stage("adapt", ws)
+    rectified = json.loads((ws / "metrics/adapt_rectified.json").read_text())
+    assert 0 <= rectified["rectified"]["miou"] <= 100
+    write_params(ws, tiny_params(**{"oracle.enabled": False}))
+    stage("oracle", ws)
+    note = json.loads((ws / "metrics/oracle.json").read_text())
+    assert "oracle.enabled is false" in note["skipped"]
+    assert sorted(p.name for p in (ws / "models/oracle").iterdir()) == ["skipped.json"]

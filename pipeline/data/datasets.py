@@ -6,6 +6,7 @@ Labels are converted to contiguous train IDs (ignore = 255) right here, at the d
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,22 @@ def read_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
         raise DatasetError(f"cannot read image {path}: {err}") from None
 
 
+def read_synthia_ids(path: str | Path) -> np.ndarray:
+    """Class IDs [H, W] int64 of a SYNTHIA label: channel 0 of a 16-bit PNG (the instance ID in another).
+
+    Decoded with torchvision: Pillow opens 16-bit multi-channel PNGs as 8-bit RGB and keeps only the high byte,
+    which turns every class ID below 256 into 0 (void).
+    """
+    from torchvision.io import ImageReadMode, decode_png
+
+    try:
+        raw = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        arr = decode_png(raw, ImageReadMode.UNCHANGED)  # [C, H, W], uint16 for 16-bit files
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DatasetError(f"cannot read label {path}: {err}") from None
+    return arr[0].numpy().astype(np.int64)
+
+
 class LabelMapper:
     """Reads a label file of a dataset kind and maps its IDs to contiguous train IDs."""
 
@@ -127,16 +144,14 @@ class LabelMapper:
         self._valid[sorted(self.valid_ids)] = True
 
     def read_ids(self, path: str | Path) -> np.ndarray:
+        if self.kind == "synthia":
+            return read_synthia_ids(path)
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im)
         except (OSError, UnidentifiedImageError, SyntaxError) as err:
             raise DatasetError(f"cannot read label {path}: {err}") from None
-        if self.kind == "synthia":
-            # 16-bit PNG; the class is in channel 0 of a multi-channel label, or the only channel.
-            arr = arr[..., 0] if arr.ndim == 3 else arr
-            arr = arr.astype(np.int64)
-        elif arr.ndim != 2:
+        if arr.ndim != 2:
             raise DatasetError(f"label {path} must be a single-channel ID image, has shape {arr.shape}")
         return arr
 
@@ -172,12 +187,15 @@ class SegDataset(torch.utils.data.Dataset):
         size: tuple[int, int] | None = None,
         transform: Callable[[dict, torch.Generator], dict] | None = None,
         check_labels: bool = False,
+        resize_labels: bool = True,
     ) -> None:
         self.records = list(records)
         self.mapper = mapper
         self.size = size
         self.transform = transform
         self.check_labels = check_labels
+        # False: labels stay at their stored size while images are resized (evaluation at full resolution).
+        self.resize_labels = resize_labels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -191,7 +209,7 @@ class SegDataset(torch.utils.data.Dataset):
         img = torch.from_numpy(read_image(rec.image, self.size)).permute(2, 0, 1).contiguous()
         sample = {"id": rec.id, "index": index, "image": img}
         if self.mapper is not None and rec.label is not None:
-            lab = self.mapper.read(rec.label, self.size, check=self.check_labels)
+            lab = self.mapper.read(rec.label, self.size if self.resize_labels else None, check=self.check_labels)
             sample["label"] = torch.from_numpy(lab.astype(np.int64))
         return sample
 
@@ -210,19 +228,33 @@ def index_seed(seed: int, index: int, epoch: int = 0) -> int:
 
 
 # -------------------------------------------------------------------------------------------- manifest
-def validate_and_count(records: Sequence[Record], mapper: LabelMapper) -> np.ndarray:
-    """Reads every image and label (catching truncated files and foreign IDs); per-class pixel counts."""
+def validate_and_count(
+    records: Sequence[Record], mapper: LabelMapper, resized: bool = False
+) -> tuple[np.ndarray, Counter[tuple[int, int]], list[str]]:
+    """Reads every image and label (catching truncated files and foreign IDs).
+
+    Returns per-class pixel counts, the image sizes (h, w) found, and the labels whose size differs from
+    their image's. A differing size is an error unless the split is ``resized`` on read (both then come out
+    at the same size; GTA5 has a few such pairs), in which case it is returned for the summary.
+    """
     counts = np.zeros(mapper.num_classes + 1, dtype=np.int64)  # last bin: ignore
+    sizes: Counter[tuple[int, int]] = Counter()
+    mismatched: list[str] = []
     for rec in records:
         h, w = read_image(rec.image).shape[:2]
+        sizes[(h, w)] += 1
         if rec.label is None:
             continue
         lab = mapper.read(rec.label, check=True)
         if lab.shape != (h, w):
-            raise DatasetError(f"label {rec.label} is {lab.shape[1]}x{lab.shape[0]}, its image {rec.image} is {w}x{h}")
+            if not resized:
+                raise DatasetError(
+                    f"label {rec.label} is {lab.shape[1]}x{lab.shape[0]}, its image {rec.image} is {w}x{h}"
+                )
+            mismatched.append(rec.id)
         c = np.bincount(np.minimum(lab.reshape(-1), mapper.num_classes), minlength=mapper.num_classes + 1)
         counts += c
-    return counts
+    return counts, sizes, mismatched
 
 
 def write_manifest(
@@ -258,15 +290,30 @@ def prepare_manifests(data, out_dir: str | Path, names: list[str]) -> dict:
     """Validates the source and target roots and writes one manifest per split; returns a summary."""
     out_dir = Path(out_dir)
     splits = {
-        "source": (data.source.kind, data.source.root, "train"),
-        "target_train": (data.target.kind, data.target.root, "train"),
-        "target_val": (data.target.kind, data.target.root, "val"),
+        "source": (data.source, "train"),
+        "target_train": (data.target, "train"),
+        "target_val": (data.target, "val"),
     }
     summary = {}
-    for name, (kind, root, split) in splits.items():
+    for name, (domain, split) in splits.items():
         # Target-train labels are optional (unlabelled real data); they only feed quality metrics and oracle.
-        recs = scan(kind, root, split, require_labels=name != "target_train")
-        counts = validate_and_count(recs, LabelMapper(kind, data.num_classes))
-        write_manifest(manifest_file(out_dir, name), kind, split, recs, counts, names)
+        recs = scan(domain.kind, domain.root, split, require_labels=name != "target_train")
+        resized = domain.resize is not None
+        counts, sizes, mismatched = validate_and_count(recs, LabelMapper(domain.kind, data.num_classes), resized)
+        if name == "target_train" and len(sizes) > 1 and not resized:
+            # The pseudo-label stores hold one image size; evaluation alone would cope with mixed sizes.
+            found = ", ".join(f"{w}x{h}: {n}" for (h, w), n in sizes.most_common(5))
+            raise DatasetError(
+                f"target train images under {domain.root} differ in size ({found}); set data.target.resize "
+                "to [height, width] to read them at one size"
+            )
+        write_manifest(manifest_file(out_dir, name), domain.kind, split, recs, counts, names)
         summary[name] = {"images": len(recs), "labelled": sum(r.label is not None for r in recs)}
+        if mismatched:
+            print(
+                f"[prepare] {name}: {len(mismatched)} label(s) differ in size from their image (both resized to "
+                f"{domain.resize} on read), e.g. {mismatched[:3]}",
+                flush=True,
+            )
+            summary[name]["label_size_differs"] = len(mismatched)
     return summary

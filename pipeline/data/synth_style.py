@@ -114,9 +114,24 @@ class SynthStyle:
             "gamma",
             "saturation",
             "thin_scale",
+            "brightness_jitter",
+            "horizon_jitter",
+            "colour_jitter",
+            "shadow_strength",
+            "person_rate",
+            "vehicle_rate",
+            "ego_vehicle",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bad = {k: v for k, v in self.class_frequency.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"class_frequency: multipliers must be >= 0, got {bad}")
+        if self.shadow_strength > 1 or self.ego_vehicle >= 1:
+            raise ValueError(
+                f"shadow_strength must be <= 1 and ego_vehicle < 1 (fractions), got {self.shadow_strength}, "
+                f"{self.ego_vehicle}"
+            )
         if self.camera_height <= 0 or self.object_scale <= 0:
             raise ValueError("camera_height and object_scale must be > 0")
 

@@ -66,12 +66,19 @@ class Data:
         return manifest_file(self.manifests, name)
 
     def dataset(self, name: str, with_labels: bool, transform=None) -> SegDataset:
-        """Dataset of a split; unlabelled use of the target passes ``with_labels=False`` (labels never read)."""
+        """Dataset of a split; unlabelled use of the target passes ``with_labels=False`` (labels never read).
+
+        ``resize`` applies to images and training labels; target-val labels keep their stored size, so that
+        mIoU is computed at full label resolution (the logits are upsampled to it) whatever the model reads.
+        """
         d = self.params
         domain = d.source if name == "source" else d.target
         size = d.image_size("source" if name == "source" else "target")
         mapper = LabelMapper(domain.kind, d.num_classes) if with_labels else None
-        return SegDataset(read_manifest(self.manifest(name)), mapper, size if domain.resize else None, transform)
+        size = size if domain.resize else None
+        return SegDataset(
+            read_manifest(self.manifest(name)), mapper, size, transform, resize_labels=name != "target_val"
+        )
 
     @property
     def num_workers(self) -> int:

@@ -9,6 +9,7 @@ optimizers, EMA/prototypes, RNG, data position, iteration) and ends where an uni
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -172,10 +173,12 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
     indices = list(range(info.rank, len(dataset), info.world_size))
     for start in range(0, len(indices), batch_size):
         samples = [dataset[i] for i in indices[start : start + batch_size]]
-        batch = collate(samples)
-        with autocast(info.device, True):
-            logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
-        cm.update(class_argmax(logits).cpu(), batch["label"])
+        # Consecutive samples of one image and label size form a batch (sizes may differ between images).
+        for _, group in itertools.groupby(samples, key=lambda s: (s["image"].shape, s["label"].shape)):
+            batch = collate(list(group))
+            with autocast(info.device, True):
+                logits = predict_logits(model, batch["image"].to(info.device), tuple(batch["label"].shape[-2:]))
+            cm.update(class_argmax(logits).cpu(), batch["label"])
     if info.enabled:  # sharded: sum the ranks' counts (a single-rank DistInfo evaluates the whole split alone)
         counts = all_reduce_sum(torch.from_numpy(cm.counts).to(info.device if info.device.type == "cuda" else "cpu"))
         cm.counts = counts.cpu().numpy()

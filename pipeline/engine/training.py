@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,3 +234,16 @@ def run_training(
         if iou_last.get("iou") is not None:
             write_per_class_csv(plots_dir / "per_class.csv", ctx.class_names, iou_last["iou"])
     return metrics
+
+
+def write_skipped(out: TrainOutputs, reason: str, is_main: bool = True) -> dict:
+    """Outputs of a training stage switched off by its params: the model and plot folders hold only
+    ``skipped.json`` (stale files of an earlier run are removed) and the metrics file says why."""
+    note = {"skipped": reason}
+    if is_main:
+        for folder in (out.models, out.plots):
+            if folder.exists():
+                shutil.rmtree(folder)
+            write_json(folder / "skipped.json", note)
+        write_json(out.metrics, note)
+    return note

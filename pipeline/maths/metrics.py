@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data import labels as L
 from pipeline.data.ignore import IGNORE_INDEX
 from pipeline.files import write_csv
 
@@ -72,15 +73,23 @@ class ConfusionMatrix:
         return float(np.diag(self.mat).sum() / total) if total else float("nan")
 
     def summary(self, class_names: Sequence[str]) -> dict:
-        """Metrics as a JSON-ready dict: mIoU and pixel accuracy in percent, per-class IoU by name."""
+        """Metrics as a JSON-ready dict: mIoU and pixel accuracy in percent, per-class IoU by name.
+
+        A 16-class (SYNTHIA) run also gets ``miou_13``: the mean IoU of the same model over the 13 classes
+        without wall, fence and pole (the papers' mIoU*), from this confusion matrix.
+        """
         iou = self.iou()
-        return {
+        out = {
             "miou": round(100.0 * self.miou(), 4),
             "pixel_acc": round(100.0 * self.pixel_accuracy(), 4),
             "per_class_iou": {
                 n: (None if np.isnan(v) else round(100.0 * float(v), 4)) for n, v in zip(class_names, iou)
             },
         }
+        if list(class_names) == L.class_names(16):
+            sub = iou[[i for i, n in enumerate(class_names) if n in set(L.class_names(13))]]
+            out["miou_13"] = round(100.0 * float(np.nanmean(sub)), 4) if np.isfinite(sub).any() else float("nan")
+        return out
 
 
 def write_per_class_csv(path: str | Path, class_names: Sequence[str], iou: np.ndarray) -> None:

@@ -143,15 +143,16 @@ class ProDATask:
 def rectified_quality(ctx: Context, data: Data, task: ProDATask, store_path: Path, batch_size: int) -> dict | None:
     """Quality of raw vs rectified pseudo labels on target train (full images, final EMA and prototypes)."""
     gt_ds = data.dataset("target_train", with_labels=True)
-    if not any(r.label for r in gt_ds.records):
+    labelled = [i for i, r in enumerate(gt_ds.records) if r.label is not None]  # partly labelled sets too
+    if not labelled:
         return None
     store = PseudoLabelStore(store_path)
     raw_acc = QualityAccumulator(ctx.num_classes, 0.0)
     rect_acc = QualityAccumulator(ctx.num_classes, 0.0)
     ema = task.ema.module.eval()
     bs = batch_size
-    for start in range(0, len(gt_ds), bs):
-        samples = [gt_ds.load(i) for i in range(start, min(start + bs, len(gt_ds)))]
+    for start in range(0, len(labelled), bs):
+        samples = [gt_ds.load(i) for i in labelled[start : start + bs]]
         batch = collate(samples)
         with autocast(ctx.info.device, True):
             feat = ema(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pipeline.config import AdversarialParams, ModelParams, OptimParams, OracleParams, WarmupParams
+from pipeline.data.datasets import DatasetError
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, new_model, read_model
 from pipeline.engine.distributed import DistInfo, unwrap
@@ -28,6 +29,7 @@ from pipeline.engine.training import (
     stream,
     target_train_images,
     wrap_ddp,
+    write_skipped,
 )
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
@@ -133,6 +135,27 @@ def train_supervised(
         section=sec.model_dump(mode="json"),
         inputs=inputs,
     )
+
+
+def train_oracle(
+    ctx: Context, data: Data, p: OracleParams, mp: ModelParams, out: TrainOutputs, eval_batch: int
+) -> dict:
+    """The oracle: the same engine trained on target-train labels, the report's upper bound.
+
+    With ``p.enabled`` false (a target without train labels) it writes a note instead of a model; when enabled,
+    every target-train image must have its label.
+    """
+    if not p.enabled:
+        reason = "oracle.enabled is false: no model trained on target labels (the report has no oracle row)"
+        return write_skipped(out, reason, ctx.info.is_main)
+    records = data.dataset("target_train", with_labels=True).records
+    missing = [r.image for r in records if r.label is None]
+    if missing:
+        raise DatasetError(
+            f"the oracle trains on target-train labels, but {len(missing)} of {len(records)} images have none "
+            f"(e.g. {missing[0]}); set oracle.enabled: false for an unlabelled target"
+        )
+    return train_supervised(ctx, data, p, mp, "target_train", out, eval_batch)
 
 
 def align_bn_to_target(ctx: Context, data: Data, out_dir: Path, metrics_path: Path, batch_size: int) -> dict | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.data.datasets import SegDataset
 from pipeline.engine import checkpoint as ckpt
@@ -108,7 +109,7 @@ class Report:
         """The compact, diffable metrics JSON (mIoU, accuracy, coverage and gap closed: all in %)."""
         return {
             "stages": {
-                n: {"miou": _json_num(r.summary["miou"]), "pixel_acc": _json_num(r.summary["pixel_acc"])}
+                n: {k: _json_num(r.summary[k]) for k in ("miou", "miou_13", "pixel_acc") if k in r.summary}
                 for n, r in self.stages.items()
             },
             "gap_closed": self.gap_closed,
@@ -135,6 +136,8 @@ def gap_closed(mious: dict[str, float], adapted: Sequence[str]) -> tuple[dict[st
     The baseline is the source-only model: ``source_only`` when the warm-up saw target images, else the warm-up.
     """
     w, o = mious.get(SOURCE_ONLY, mious.get(WARMUP)), mious.get(ORACLE)
+    if ORACLE not in mious:
+        return {n: None for n in adapted}, ["gap closed is not computed: the run has no oracle (oracle.enabled)"]
     if not (_finite(w) and _finite(o)) or o <= w:
         note = (
             f"gap closed is undefined: the oracle mIoU ({o}) is not above the warm-up (source-only) mIoU ({w}), "
@@ -151,14 +154,28 @@ def overlay_indices(val: SegDataset, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict_labels(model: torch.nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> list[np.ndarray]:
-    """Argmax train ids [H, W] of uint8 [3, H, W] images (one at a time: sizes may differ)."""
+def predict_labels(
+    model: torch.nn.Module,
+    images: Sequence[torch.Tensor],
+    device: torch.device,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[np.ndarray]:
+    """Argmax train ids [H, W] of uint8 [3, H, W] images (one at a time: sizes may differ), at ``sizes``
+    (each image's own size by default)."""
     model.eval()
 
-    def label(img: torch.Tensor) -> np.ndarray:
-        return class_argmax(predict_logits(model, img[None].to(device)))[0].cpu().numpy().astype(np.uint8)
+    def label(img: torch.Tensor, size: tuple[int, int] | None) -> np.ndarray:
+        return class_argmax(predict_logits(model, img[None].to(device), size))[0].cpu().numpy().astype(np.uint8)
 
-    return [label(img) for img in images]
+    return [label(img, None if sizes is None else tuple(sizes[i])) for i, img in enumerate(images)]
+
+
+def image_at(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A uint8 [3, h, w] image as [H, W, 3] at ``size`` (bilinear), to draw it under a label of that size."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image.permute(1, 2, 0).numpy()
+    x = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -167,14 +184,15 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def evaluate_stage(
-    ctx: Context, m: StageModel, val: SegDataset, batch_size: int, overlay_images: Sequence[torch.Tensor]
+    ctx: Context, m: StageModel, val: SegDataset, batch_size: int, overlay_samples: Sequence[dict]
 ) -> StageResult:
     """Confusion matrix of ``last.pt`` on target val (all DDP ranks take part), plus best.pt's mIoU."""
     model = load_stage_model(m, m.last, ctx)
     cm = evaluate(model, val, ctx.num_classes, ctx.info, batch_size)
     res = StageResult(cm, cm.summary(ctx.class_names))
-    if ctx.info.is_main and overlay_images:
-        res.overlay_preds = predict_labels(model, overlay_images, ctx.info.device)
+    if ctx.info.is_main and overlay_samples:
+        images, sizes = [s["image"] for s in overlay_samples], [s["label"].shape for s in overlay_samples]
+        res.overlay_preds = predict_labels(model, images, ctx.info.device, sizes)
     del model
     if m.best is not None and m.best.is_file():
         # Training stages export best == last when no intermediate evaluation beat the end: skip the re-run.
@@ -221,10 +239,9 @@ def build_report(
     check_inputs(models, stores)
     val = data.dataset("target_val", with_labels=True)
     samples = [val.load(i) for i in overlay_indices(val, n_overlays)] if ctx.info.is_main else []
-    images = [s["image"] for s in samples]
     results: dict[str, StageResult] = {}
     for m in models:
-        results[m.name] = evaluate_stage(ctx, m, val, batch_size, images)
+        results[m.name] = evaluate_stage(ctx, m, val, batch_size, samples)
         if ctx.info.is_main:
             print(f"[{ctx.stage}] {m.name}: mIoU {results[m.name].summary['miou']:.2f}", flush=True)
     mious = {n: r.summary["miou"] for n, r in results.items()}
@@ -243,7 +260,7 @@ def build_report(
         class_names=list(ctx.class_names),
         num_val_images=len(val),
         overlay_ids=[s["id"] for s in samples],
-        overlay_images=[s["image"].permute(1, 2, 0).numpy() for s in samples],
+        overlay_images=[image_at(s["image"], s["label"].shape) for s in samples],
         overlay_labels=[s["label"].numpy() for s in samples],
         notes=notes,
     )

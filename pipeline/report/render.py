@@ -235,14 +235,23 @@ def markdown(report: Report) -> str:
         "",
         "## mIoU by stage",
         "",
-        "| stage | mIoU (%) | pixel acc. (%) | gap closed (%) | best-on-val mIoU (%) — optimistic |",
-        "|---|---:|---:|---:|---:|",
+    ]
+    # 16-class (SYNTHIA) runs: also the mean over 13 classes (no wall, fence, pole), the papers' mIoU*.
+    m13 = all("miou_13" in r.summary for r in report.stages.values())
+    lines += [
+        "| stage | mIoU (%) |"
+        + (" mIoU-13 (%) |" if m13 else "")
+        + " pixel acc. (%) | gap closed (%) | best-on-val mIoU (%) — optimistic |",
+        "|---|---:|" + ("---:|" if m13 else "") + "---:|---:|---:|",
     ]
     for n, r in report.stages.items():
         gap = report.gap_closed.get(n)
         gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{gap:.1f}")
         best = _fmt(r.best_miou) + (" (= last)" if r.best_is_last else "")
-        lines.append(f"| {_label(n)} | {_fmt(r.summary['miou'])} | {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |")
+        cell13 = f" {_fmt(r.summary['miou_13'])} |" if m13 else ""
+        lines.append(
+            f"| {_label(n)} | {_fmt(r.summary['miou'])} |{cell13} {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |"
+        )
     lines += [
         "",
         (
