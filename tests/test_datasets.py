@@ -94,15 +94,18 @@ def test_synthia_id_map(tmp_path):
 
 
 def test_synthia_labels_keep_16_bits(tmp_path):
-    # Channel 0 of a 16-bit grey label reads as written; an ID above 255 is not folded into a valid one.
-    grey = np.full((4, 6), 3, np.uint16)  # road
-    grey[0, 0] = 256 + 3
-    _png16(tmp_path / "grey.png", grey)
+    # Channel 0 of a 16-bit RGB label reads as written (Pillow kept only the high byte: 3 read as 0); an ID
+    # above 255 is not folded into a valid one.
+    lab = np.zeros((4, 6, 3), np.uint16)
+    lab[..., 0] = 3  # road
+    lab[0, 0, 0] = 256 + 3
+    lab[..., 1] = 7  # instance
+    _png16(tmp_path / "rgb16.png", lab)
     m = LabelMapper("synthia", 16)
-    assert m.read_ids(tmp_path / "grey.png")[0, 0] == 259
-    with pytest.raises(DatasetError, match=r"grey.png holds IDs outside the synthia ID set: \[259\]"):
-        m.read(tmp_path / "grey.png")
-    (tmp_path / "cut.png").write_bytes((tmp_path / "grey.png").read_bytes()[:30])
+    assert m.read_ids(tmp_path / "rgb16.png")[0].tolist() == [259, 3, 3, 3, 3, 3]
+    with pytest.raises(DatasetError, match=r"rgb16.png holds IDs outside the synthia ID set: \[259\]"):
+        m.read(tmp_path / "rgb16.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "rgb16.png").read_bytes()[:30])
     with pytest.raises(DatasetError, match="cannot read label .*cut.png"):
         m.read(tmp_path / "cut.png")
 

@@ -419,8 +419,16 @@ def test_val_images_of_different_sizes_are_evaluated(tmp_path, monkeypatch):
     assert cm.counts[SKY, SKY] == N_VAL * GT_PIXELS[SKY] + 12 * 20
 
 
-def test_no_oracle_row_and_no_gap_when_the_oracle_is_off():
+def test_no_oracle_row_and_no_gap_when_the_oracle_is_off(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ctx = make_ctx()
     params = parse_params({**RAW, "oracle": {**RAW["oracle"], "enabled": False}})
-    assert "oracle" not in [m.name for m in stage_models(params, MODELS)]
-    gaps, notes = report.gap_closed({"warmup": 30.0, "adapt": 35.0}, ["adapt"])
-    assert gaps == {"adapt": None} and "no oracle (oracle.enabled)" in notes[0]
+    models = stage_models(params, MODELS)
+    assert "oracle" not in [m.name for m in models]
+    write_target(tmp_path)
+    write_models(ctx, {n: c for n, c in PREDICTS.items() if n != "oracle"})
+    rep = report.build_report(ctx, Data(params.data, Path("data/manifests")), models, [], final_stage(params), 2, 0)
+    assert rep.gap_closed == {} and rep.metrics()["gap_closed"] == {}
+    assert "no oracle (oracle.enabled)" in rep.notes[0]
+    md = render.markdown(rep)
+    assert "gap closed (%)" not in md and "No oracle row (`oracle.enabled: false`)" in md

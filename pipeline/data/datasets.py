@@ -310,9 +310,11 @@ def prepare_manifests(data, out_dir: str | Path, names: list[str]) -> dict:
         write_manifest(manifest_file(out_dir, name), domain.kind, split, recs, counts, names)
         summary[name] = {"images": len(recs), "labelled": sum(r.label is not None for r in recs)}
         if mismatched:
+            # Target-val labels keep their stored size (evaluation at full resolution), the others are resized.
+            how = "images read at" if name == "target_val" else "both read at"
             print(
-                f"[prepare] {name}: {len(mismatched)} label(s) differ in size from their image (both resized to "
-                f"{domain.resize} on read), e.g. {mismatched[:3]}",
+                f"[prepare] {name}: {len(mismatched)} label(s) differ in size from their image ({how} "
+                f"{domain.resize}), e.g. {mismatched[:3]}",
                 flush=True,
             )
             summary[name]["label_size_differs"] = len(mismatched)

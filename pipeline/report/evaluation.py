@@ -131,13 +131,14 @@ def _finite(x: float | None) -> bool:
 
 
 def gap_closed(mious: dict[str, float], adapted: Sequence[str]) -> tuple[dict[str, float | None], list[str]]:
-    """100 · (mIoU − baseline) / (oracle − baseline) per adapted stage, in percent; None where undefined (+ a note).
+    """100 · (mIoU − baseline) / (oracle − baseline) per adapted stage, in percent; None where undefined (+ a note),
+    nothing without an oracle row (+ a note).
 
     The baseline is the source-only model: ``source_only`` when the warm-up saw target images, else the warm-up.
     """
     w, o = mious.get(SOURCE_ONLY, mious.get(WARMUP)), mious.get(ORACLE)
     if ORACLE not in mious:
-        return {n: None for n in adapted}, ["gap closed is not computed: the run has no oracle (oracle.enabled)"]
+        return {}, ["gap closed is not computed: the run has no oracle (oracle.enabled)"]
     if not (_finite(w) and _finite(o)) or o <= w:
         note = (
             f"gap closed is undefined: the oracle mIoU ({o}) is not above the warm-up (source-only) mIoU ({w}), "

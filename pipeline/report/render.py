@@ -238,19 +238,23 @@ def markdown(report: Report) -> str:
     ]
     # 16-class (SYNTHIA) runs: also the mean over 13 classes (no wall, fence, pole), the papers' mIoU*.
     m13 = all("miou_13" in r.summary for r in report.stages.values())
+    has_gap = bool(report.gap_closed)  # empty without an oracle row (oracle.enabled: false)
     lines += [
         "| stage | mIoU (%) |"
         + (" mIoU-13 (%) |" if m13 else "")
-        + " pixel acc. (%) | gap closed (%) | best-on-val mIoU (%) — optimistic |",
-        "|---|---:|" + ("---:|" if m13 else "") + "---:|---:|---:|",
+        + " pixel acc. (%) |"
+        + (" gap closed (%) |" if has_gap else "")
+        + " best-on-val mIoU (%) — optimistic |",
+        "|---|---:|" + ("---:|" if m13 else "") + "---:|" + ("---:|" if has_gap else "") + "---:|",
     ]
     for n, r in report.stages.items():
         gap = report.gap_closed.get(n)
         gap_s = "—" if n not in report.gap_closed else ("undefined" if gap is None else f"{gap:.1f}")
         best = _fmt(r.best_miou) + (" (= last)" if r.best_is_last else "")
         cell13 = f" {_fmt(r.summary['miou_13'])} |" if m13 else ""
+        cell_gap = f" {gap_s} |" if has_gap else ""
         lines.append(
-            f"| {_label(n)} | {_fmt(r.summary['miou'])} |{cell13} {_fmt(r.summary['pixel_acc'])} | {gap_s} | {best} |"
+            f"| {_label(n)} | {_fmt(r.summary['miou'])} |{cell13} {_fmt(r.summary['pixel_acc'])} |{cell_gap} {best} |"
         )
     lines += [
         "",
@@ -260,8 +264,14 @@ def markdown(report: Report) -> str:
             if SOURCE_ONLY in report.stages
             else "- The warm-up model is the **source-only** baseline here (it never saw target labels)."
         ),
-        "- Gap closed (%) = 100 · (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of the "
-        "source-only → oracle gap that adaptation recovers.",
+        *(
+            [
+                "- Gap closed (%) = 100 · (mIoU − source-only mIoU) / (oracle mIoU − source-only mIoU): the share of "
+                "the source-only → oracle gap that adaptation recovers."
+            ]
+            if has_gap
+            else ["- No oracle row (`oracle.enabled: false`), so no gap-closed figure."]
+        ),
         "- *Best-on-val* is `best.pt`, the checkpoint with the highest mIoU on this same target val set during "
         "training: it was selected on the test data, so it is **optimistic** and not a fair result. The fair "
         "figures are the `last.pt` columns.",
