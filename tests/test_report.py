@@ -432,3 +432,36 @@ def test_no_oracle_row_and_no_gap_when_the_oracle_is_off(tmp_path, monkeypatch):
     assert "no oracle (oracle.enabled)" in rep.notes[0]
     md = render.markdown(rep)
     assert "gap closed (%)" not in md and "No oracle row (`oracle.enabled: false`)" in md
+
+
+def test_exported_predictions_score_the_same_with_the_official_evaluator(tmp_path, monkeypatch):
+    # The model reads 40x80 images; its label-ID PNGs are written at the labels' 32x64, found by the official
+    # script's own file matching, and scored by it as the evaluate stage scores the model.
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    from pipeline.report.export import export_predictions, official_scores
+
+    monkeypatch.chdir(tmp_path)
+    target = {"kind": "cityscapes", "root": "cs", "resize": [40, 80]}
+    params = parse_params({**RAW, "data": {**RAW["data"], "target": target}})
+    write_target(tmp_path)
+    torch.manual_seed(1)
+    model = new_model(MP, len(NAMES)).eval()  # untrained: varied predictions on the noise images
+    val = Data(params.data, Path("data/manifests")).dataset("target_val", with_labels=True)
+    paths = export_predictions(model, val, Path("results"), len(NAMES), torch.device("cpu"))
+    assert sorted(p.as_posix() for p in paths) == [
+        f"results/city/city_{i:06d}_000019_pred_labelIds.png" for i in range(N_VAL)
+    ]
+    assert all(np.asarray(Image.open(p)).shape == (H, W) for p in paths)
+    args = official.args  # module-global: every attribute touched here is restored after the test
+    for name in ("predictionPath", "predictionWalk", "evalInstLevelScore", "JSONOutput", "exportFile", "quiet"):
+        monkeypatch.setattr(args, name, getattr(args, name, None))
+    args.predictionPath, args.predictionWalk = str(tmp_path / "results"), None
+    gts = [str(r.label) for r in val.records]
+    assert [official.getPrediction(args, g) for g in gts] == [str(tmp_path / p) for p in paths]  # its matching
+    result = official_scores(paths, val, Path("results/official.json"))
+    assert args.evalInstLevelScore is False  # the fixture has no instance files
+    assert json.loads(Path("results/official.json").read_text())["averageScoreClasses"] == result["averageScoreClasses"]
+    cm = evaluate(model, val, len(NAMES), DistInfo(0, 1, 0, torch.device("cpu")), batch_size=1)
+    assert len({int(v) for p in paths for v in np.unique(np.asarray(Image.open(p)))}) > 1
+    assert cm.miou() == pytest.approx(result["averageScoreClasses"], abs=1e-9)

@@ -173,3 +173,22 @@ def test_partly_labelled_target_train_oracle_and_rectified_quality(ws: Path) -> 
     note = json.loads((ws / "metrics/oracle.json").read_text())
     assert "oracle.enabled is false" in note["skipped"]
     assert sorted(p.name for p in (ws / "models/oracle").iterdir()) == ["skipped.json"]
+
+
+def test_export_writes_official_evaluator_files(ws: Path) -> None:
+    import sys
+
+    from tests.tiny import run
+
+    argv = [sys.executable, "-m", "pipeline.report.export", "--model", "models/warmup/last.pt", "--out", "res"]
+    res = run([*argv, "--official"], ws)
+    files = sorted((ws / "res").glob("*/*_pred_labelIds.png"))
+    val = sorted((ws / "data/embedded/target/gtFine/val").glob("*/*_gtFine_labelIds.png"))
+    assert [f.name.removesuffix("_pred_labelIds.png") for f in files] == [
+        v.name.removesuffix("_gtFine_labelIds.png") for v in val
+    ]
+    assert "2 label-ID predictions" in res.stdout
+    official = json.loads((ws / "res/resultPixelLevelSemanticLabeling.json").read_text())["averageScoreClasses"]
+    assert f"official mIoU {100 * official:.2f}" in res.stdout
+    bad = run([sys.executable, "-m", "pipeline.report.export", "--model", "nope.pt", "--out", "r"], ws, check=False)
+    assert bad.returncode == 1 and "nope.pt" in bad.stderr and "Traceback" not in bad.stderr
