@@ -180,7 +180,8 @@ def test_export_writes_official_evaluator_files(ws: Path) -> None:
 
     from tests.tiny import run
 
-    argv = [sys.executable, "-m", "pipeline.report.export", "--model", "models/warmup/last.pt", "--out", "res"]
+    argv = [sys.executable, "-m", "pipeline.report.export", "--manifests", "data/manifests"]
+    argv += ["--model", "models/warmup/last.pt", "--out", "res"]
     res = run([*argv, "--official"], ws)
     files = sorted((ws / "res").glob("*/*_pred_labelIds.png"))
     val = sorted((ws / "data/embedded/target/gtFine/val").glob("*/*_gtFine_labelIds.png"))
@@ -190,5 +191,5 @@ def test_export_writes_official_evaluator_files(ws: Path) -> None:
     assert "2 label-ID predictions" in res.stdout
     official = json.loads((ws / "res/resultPixelLevelSemanticLabeling.json").read_text())["averageScoreClasses"]
     assert f"official mIoU {100 * official:.2f}" in res.stdout
-    bad = run([sys.executable, "-m", "pipeline.report.export", "--model", "nope.pt", "--out", "r"], ws, check=False)
+    bad = run([*argv[:5], "--model", "nope.pt", "--out", "r"], ws, check=False)
     assert bad.returncode == 1 and "nope.pt" in bad.stderr and "Traceback" not in bad.stderr

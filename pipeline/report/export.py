@@ -1,7 +1,8 @@
-"""A model's target-val predictions as Cityscapes label-ID PNGs, for the official evaluator.
+r"""A model's target-val predictions as Cityscapes label-ID PNGs, for the official evaluator.
 
-    python -m pipeline.report.export --model models/distill_1/last.pt --out results/distill_1 [--official]
-    CITYSCAPES_DATASET=data/cityscapes CITYSCAPES_RESULTS=results/distill_1 csEvalPixelLevelSemanticLabeling
+    python -m pipeline.report.export --manifests data/manifests --model models/distill_1/last.pt \
+        --out results [--official]
+    CITYSCAPES_DATASET=data/cityscapes CITYSCAPES_RESULTS=results csEvalPixelLevelSemanticLabeling
 
 ``--official`` runs the official evaluation in-process on the pairs of the val manifest (any dataset root; the
 instance-level scores only where every ``*_gtFine_instanceIds.png`` exists, which the embedded data lacks).
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, required=True, help="a model file, e.g. models/distill_1/last.pt")
     ap.add_argument("--out", type=Path, required=True, help="folder for the PNGs (CITYSCAPES_RESULTS)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    ap.add_argument("--manifests", type=Path, default=Path("data/manifests"), help="the prepare stage's manifests")
+    ap.add_argument("--manifests", type=Path, required=True, help="the prepare stage's manifests folder")
     ap.add_argument("--official", action="store_true", help="then score them with the official evaluation")
     args = ap.parse_args(argv)
     try:
