@@ -30,9 +30,9 @@ from pipeline.data.datasets import DatasetError, SegDataset
 from pipeline.data.labels import train_id_to_label_id
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Data, read_model, setup
-from pipeline.engine.loop import autocast, predict_logits
+from pipeline.engine.loop import autocast
 from pipeline.files import write_bytes
-from pipeline.maths.metrics import class_argmax
+from pipeline.report.evaluation import predict_labels
 
 SUFFIX = "_pred_labelIds.png"
 
@@ -41,22 +41,15 @@ SUFFIX = "_pred_labelIds.png"
 def export_predictions(
     model: torch.nn.Module, val: SegDataset, out: Path, num_classes: int, device: torch.device
 ) -> list[Path]:
-    """Writes one label-ID PNG per val image under ``out`` (one image at a time: sizes may differ)."""
+    """Writes one label-ID PNG per val image under ``out``, at its label's size."""
     to_label_id = train_id_to_label_id(num_classes)
-    model.eval()
     written = []
     for i in tqdm(range(len(val)), desc="export", unit="img", leave=False):
-        sample, rec = val.load(i), val.records[i]
-        if "label" in sample:
-            size = tuple(sample["label"].shape)
-        else:  # no ground truth: the stored image size
-            with Image.open(rec.image) as im:
-                size = (im.height, im.width)
-        with autocast(device, True):
-            logits = predict_logits(model, sample["image"][None].to(device), size)
-        pred = to_label_id[class_argmax(logits)[0].cpu().numpy()]
-        path = out / f"{rec.id}{SUFFIX}"  # ids are <city>/<city>_<seq>_<frame>
-        write_bytes(path, _png(pred))
+        sample = val.load(i)
+        with autocast(device, True):  # as engine.evaluate scores the model
+            pred = predict_labels(model, [sample["image"]], device, [sample["label"].shape])[0]
+        path = out / f"{val.records[i].id}{SUFFIX}"  # ids are <city>/<city>_<seq>_<frame>
+        write_bytes(path, _png(to_label_id[pred]))
         written.append(path)
     return written
 
