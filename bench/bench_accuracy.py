@@ -1,6 +1,6 @@
 """Accuracy of the embedded default over seeds: mIoU on target val of source-only / warm-up, stage 1 (adapt), each
-KD round and the oracle, and the gap closed = 100 (mIoU - warm-up) / (oracle - warm-up) in percent, as mean ± std
-over seeds.
+KD round and the oracle, and the gap closed = 100 (mIoU - source only) / (oracle - source only) in percent, as
+mean ± std over seeds.
 
 Each seed (`base.seed` and `data.embedded.seed`: other training randomness and other scenes) is a full
 `dvc repro` in its own git + DVC workspace under --workdir (kept, so --reuse can aggregate them again). The
@@ -53,7 +53,8 @@ def load_run(root: Path) -> dict[str, Any]:
     return {
         "dir": str(root),
         "seed": params.get("base", {}).get("seed"),
-        "adversarial_warmup": bool(params.get("warmup", {}).get("adversarial", {}).get("enabled", False))
+        # aligned to the target: adversarially or by target BatchNorm statistics (AdaBN)
+        "aligned_warmup": bool(params.get("warmup", {}).get("adversarial", {}).get("enabled", False))
         or bool(params.get("warmup", {}).get("target_bn", False)),
         "evaluate": json.loads((root / EVALUATE).read_text()),
     }
@@ -101,7 +102,7 @@ def aggregate(runs: list[dict[str, Any]], goal: float) -> dict[str, Any]:
         "final_stage": final,
         "goal_gap_closed": goal,
         "goal_met": None if final_gap is None else final_gap >= goal,
-        "warmup_aligned": any(r["adversarial_warmup"] for r in runs),
+        "warmup_aligned": any(r["aligned_warmup"] for r in runs),
     }
 
 
