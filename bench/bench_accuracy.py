@@ -54,7 +54,7 @@ def load_run(root: Path) -> dict[str, Any]:
         "dir": str(root),
         "seed": params.get("base", {}).get("seed"),
         # aligned to the target: adversarially or by target BatchNorm statistics (AdaBN)
-        "aligned_warmup": bool(params.get("warmup", {}).get("adversarial", {}).get("enabled", False))
+        "warmup_aligned": bool(params.get("warmup", {}).get("adversarial", {}).get("enabled", False))
         or bool(params.get("warmup", {}).get("target_bn", False)),
         "evaluate": json.loads((root / EVALUATE).read_text()),
     }
@@ -102,7 +102,7 @@ def aggregate(runs: list[dict[str, Any]], goal: float) -> dict[str, Any]:
         "final_stage": final,
         "goal_gap_closed": goal,
         "goal_met": None if final_gap is None else final_gap >= goal,
-        "warmup_aligned": any(r["aligned_warmup"] for r in runs),
+        "warmup_aligned": any(r["warmup_aligned"] for r in runs),
     }
 
 
