@@ -13,3 +13,11 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def finished_project(tmp_path_factory):
+    """One tiny finished `dvc repro` of the project for the session; tests take copies (`copy_workspace`)."""
+    from tests import tiny
+
+    return tiny.finished_project(tmp_path_factory.mktemp("finished") / "repo")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny import run, tiny_params, workspace, write_params
+from tests.tiny import copy_workspace, run, write_params
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -21,17 +21,16 @@ def ran_stages(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    root = workspace(tmp_path_factory.mktemp("dvc") / "repo", tiny_params(), git_dvc=True)
-    res = run([*DVC, "repro"], root)
-    root.joinpath("first_repro.log").write_text(res.stdout)
+def repo(finished_project: Path, tmp_path_factory) -> Path:
+    """A copy of the session's finished tiny run, its results committed."""
+    root = copy_workspace(finished_project, tmp_path_factory.mktemp("dvc") / "repo")
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "first run"], root)
     return root
 
 
-def test_repro_runs_every_stage(repo: Path) -> None:
-    out = repo.joinpath("first_repro.log").read_text()
+def test_repro_runs_every_stage(finished_project: Path, repo: Path) -> None:
+    out = finished_project.parent.joinpath("repro.log").read_text()
     stages = ran_stages(out)
     expected = {
         "generate",

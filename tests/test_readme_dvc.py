@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import REPO, env, run, tiny_params, workspace
+from tests.tiny import REPO, copy_workspace, env, run
 
 DVC = [sys.executable, "-m", "dvc"]
 SECTION = "## Experiments and the ablation table"
@@ -68,17 +67,9 @@ def wait_for_queue(root: Path, command: str, timeout_s: float = 900) -> str:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(finished_project: Path, tmp_path_factory) -> Path:
     """A committed project with tiny params, after `dvc repro` and before its results are committed."""
-    root = workspace(tmp_path_factory.mktemp("readme") / "repo", tiny_params(), git_dvc=True)
-    # The repository's own ignore rules (DVC's cached outputs are ignored as in a clone).
-    with (root / ".gitignore").open("a") as fh:
-        fh.write((REPO / ".gitignore").read_text())
-    for name in ("Makefile", "pyproject.toml"):
-        shutil.copy2(REPO / name, root / name)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "project"], root)
-    run([*DVC, "repro"], root)
+    root = copy_workspace(finished_project, tmp_path_factory.mktemp("readme") / "repo")
     yield root
     # Leave no queue worker behind if a test stopped half-way.
     subprocess.run([*DVC, "queue", "stop", "--kill"], cwd=root, capture_output=True, env=env())

@@ -171,3 +171,35 @@ def stage_argv(name: str, root: Path = REPO) -> list[str]:
 def stage(name: str, root: Path, *args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:
     """Runs stage ``name`` in root with dvc.yaml's command (plus ``args``)."""
     return run([*stage_argv(name, root), *args], root, check=check, **kw)
+
+
+def finished_project(root: Path) -> Path:
+    """The project as a user's clone holds it after `make run`: committed with tiny params, `dvc repro` done,
+    its results not yet committed. `dvc repro`'s output is kept beside it, in ``root.parent / "repro.log"``."""
+    workspace(root, tiny_params(), git_dvc=True)
+    # The repository's own ignore rules (DVC's cached outputs are ignored as in a clone).
+    with (root / ".gitignore").open("a") as fh:
+        fh.write((REPO / ".gitignore").read_text())
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(REPO / name, root / name)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "project"], root)
+    res = run([sys.executable, "-m", "dvc", "repro"], root)
+    (root.parent / "repro.log").write_text(res.stdout)
+    return root
+
+
+def copy_workspace(src: Path, dst: Path) -> Path:
+    """A copy of a git + DVC workspace that DVC treats as a repo of its own.
+
+    DVC's lock, queue and index state (``.dvc/tmp``) and its site cache are not copied; the copy's site cache
+    is its own (``.dvc/config.local`` overrides the source's absolute path, and is not a git file).
+    """
+
+    def skip(directory: str, names: list[str]) -> list[str]:
+        here = Path(directory)
+        return [".dvc_site"] if here == src else ["tmp"] if here == src / ".dvc" else []
+
+    shutil.copytree(src, dst, symlinks=True, ignore=skip)
+    run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", str(dst / ".dvc_site")], dst)
+    return dst
