@@ -568,12 +568,12 @@ def test_training_reports_live_cancel_keeps_resume_state_and_rerun_resumes(serve
     commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ws, capture_output=True, text=True)
     assert metrics["run"] == {"commit": commit.stdout.strip(), "flow_run": resumed["id"]}
     # `dvc metrics show` still reads the file: numbers as numbers, the run as two string columns.
-    from tests.tiny import run
+    from tests.tiny import DVC, run
 
-    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], ws).stdout)
+    shown = json.loads(run([*DVC, "metrics", "show", "--json"], ws).stdout)
     warmup = shown[""]["data"]["metrics/warmup.json"]["data"]  # "": the workspace
     assert isinstance(warmup["miou"], float) and warmup["run"]["flow_run"] == resumed["id"]
-    table = run([sys.executable, "-m", "dvc", "metrics", "show", "metrics/warmup.json"], ws).stdout
+    table = run([*DVC, "metrics", "show", "metrics/warmup.json"], ws).stdout
     assert "run.commit" in table and "run.flow_run" in table and "miou" in table
 
 

@@ -5,15 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.tiny import copy_workspace, run, write_params
-
-DVC = [sys.executable, "-m", "dvc"]
+from tests.tiny import DVC, copy_workspace, run, write_params
 
 
 def ran_stages(output: str) -> set[str]:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import REPO, copy_workspace, env, run
+from tests.tiny import DVC, REPO, copy_workspace, env, run
 
-DVC = [sys.executable, "-m", "dvc"]
 SECTION = "## Experiments and the ablation table"
 TERMINAL_COLUMNS = 120
 

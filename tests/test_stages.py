@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from pipeline.maths.prototypes import PrototypeBank
 from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter
-from tests.tiny import stage, tiny_params, workspace, write_params
+from tests.tiny import run, stage, tiny_params, workspace, write_params
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +177,6 @@ def test_partly_labelled_target_train_oracle_and_rectified_quality(ws: Path) -> 
 
 
 def test_export_writes_official_evaluator_files(ws: Path) -> None:
-    import sys
-
-    from tests.tiny import run
-
     argv = [sys.executable, "-m", "pipeline.report.export", "--manifests", "data/manifests"]
     argv += ["--model", "models/warmup/last.pt", "--out", "res"]
     res = run([*argv, "--official"], ws)

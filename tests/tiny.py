@@ -14,6 +14,9 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+DVC = [sys.executable, "-m", "dvc"]
+# DVC's per-repo site cache, inside each workspace (not the machine's site cache; not a git file).
+SITE_CACHE = ".dvc_site"
 
 
 def _optim(iters: int, **kw: Any) -> dict:
@@ -127,11 +130,11 @@ def workspace(root: Path, params: dict | None = None, git_dvc: bool = False) -> 
         run(["git", "init", "-q"], root)
         run(["git", "config", "user.email", "t@t"], root)
         run(["git", "config", "user.name", "t"], root)
-        run([sys.executable, "-m", "dvc", "init", "-q"], root)
-        run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+        run([*DVC, "init", "-q"], root)
+        run([*DVC, "config", "core.analytics", "false"], root)
         # Keep DVC's per-repo state inside the temp dir instead of the machine's site cache.
-        run([sys.executable, "-m", "dvc", "config", "core.site_cache_dir", str(root / ".dvc_site")], root)
-        (root / ".gitignore").write_text(".dvc_site/\n.resume/\n__pycache__/\n")
+        run([*DVC, "config", "core.site_cache_dir", str(root / SITE_CACHE)], root)
+        (root / ".gitignore").write_text(f"{SITE_CACHE}/\n.resume/\n__pycache__/\n")
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-qm", "init"], root)
     return root
@@ -184,7 +187,7 @@ def finished_project(root: Path) -> Path:
         shutil.copy2(REPO / name, root / name)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "project"], root)
-    res = run([sys.executable, "-m", "dvc", "repro"], root)
+    res = run([*DVC, "repro"], root)
     (root.parent / "repro.log").write_text(res.stdout)
     return root
 
@@ -198,8 +201,8 @@ def copy_workspace(src: Path, dst: Path) -> Path:
 
     def skip(directory: str, names: list[str]) -> list[str]:
         here = Path(directory)
-        return [".dvc_site"] if here == src else ["tmp"] if here == src / ".dvc" else []
+        return [SITE_CACHE] if here == src else ["tmp"] if here == src / ".dvc" else []
 
     shutil.copytree(src, dst, symlinks=True, ignore=skip)
-    run([sys.executable, "-m", "dvc", "config", "--local", "core.site_cache_dir", str(dst / ".dvc_site")], dst)
+    run([*DVC, "config", "--local", "core.site_cache_dir", str(dst / SITE_CACHE)], dst)
     return dst
