@@ -140,3 +140,35 @@ class _Store:
 
     def get(self, _id: str) -> dict:
         return {"soft": self.soft, "label": self.soft.argmax(0).astype("uint8"), "conf": self.soft.max(0)}
+
+
+def test_kd_target_is_a_distribution_from_a_quantised_store() -> None:
+    # The default stores the teacher's probabilities as uint8 (round(p * 255)), whose class sums miss 1 by up to
+    # K/510; a KL to such a map goes negative when the student matches it (seen as kd=-0.001 in tiny runs).
+    params = parse_params(tiny_params(**{"distill.source_ce.enabled": False, "distill.target_scale": 1.0}))
+    p = params.distill
+    task = DistillTask(_ctx(params), _model(), p)
+    g = torch.Generator().manual_seed(5)
+    quantised = (F.softmax(torch.randn(K, 4, 8, generator=g), dim=0) * 255).round() / 255
+    views = TargetViews(p.view, p.strong, None)
+    views.store = _Store(quantised)
+    s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
+    tgt = collate([s])
+    captured = {}
+    real = distill_mod.kd_kl
+
+    def spy(teacher, logits, valid):
+        captured["teacher"], captured["valid"] = teacher, valid
+        return real(teacher, logits, valid)
+
+    distill_mod.kd_kl = spy
+    try:
+        task.loss({"source": _source(1), "target": tgt}, 0)
+    finally:
+        distill_mod.kd_kl = real
+    teacher, valid = captured["teacher"], captured["valid"]
+    raw_sums = warp_to_view(quantised[None], tgt["coords"], (32, 32)).sum(dim=1)[valid]
+    assert (raw_sums - 1).abs().max() > 1e-3  # the stored map is not normalised ...
+    assert torch.allclose(teacher.sum(dim=1)[valid], torch.ones(()), atol=1e-6)  # ... the KD target is
+    # A student equal to the teacher: KL exactly 0 (the raw map gave a nonzero value of either sign).
+    assert abs(float(real(teacher, teacher.clamp_min(1e-30).log(), valid))) < 1e-6

@@ -70,6 +70,9 @@ class DistillTask:
                 # Labels and confidence from the bilinearly warped soft map: the stride-8 hard map warped
                 # nearest loses thin structures (perfect ground truth pooled that way: 40.0 vs 44.9 mIoU).
                 t_soft = warp_to_view(tgt["soft"].float(), tgt["coords"], out_size)
+                # Stored probabilities are rounded (uint8: each class to 1/255, float16), so a pixel sums to 1
+                # only within about K/510: renormalised, the KD target is a distribution and its KL is >= 0.
+                t_soft = t_soft / t_soft.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
                 conf, label = t_soft.max(dim=1)
             else:
                 t_soft = None
