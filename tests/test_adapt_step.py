@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from tiny import tiny_params
@@ -14,6 +15,7 @@ from pipeline.engine.context import Context
 from pipeline.engine.distributed import DistInfo
 from pipeline.engine.loop import collate
 from pipeline.engine.training import TargetViews
+from pipeline.maths.losses import kd_kl
 from pipeline.maths.prototypes import PrototypeBank
 from pipeline.methods.distill import DistillTask
 from pipeline.methods.proda import ProDATask
@@ -98,36 +100,40 @@ def test_stage1_sce_and_regulariser_see_the_weak_view() -> None:
     assert torch.allclose(grads[0], grads[1])
 
 
-def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
-    # The teacher's soft map is stored at stride 8 (4x8 for a 32x64 image). KD labels and confidences are
-    # the argmax / max of that map warped bilinearly into the view, not its stride-8 hard map warped nearest.
-    overrides = {"distill.source_ce.enabled": False, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
+def _distill_loss_call(overrides: dict, soft: torch.Tensor, g: torch.Generator, name: str) -> tuple[tuple, dict]:
+    """One KD-round loss on a target view whose store holds `soft`; returns the arguments of distill's call of
+    `name` (a loss function it imports) and the target batch."""
     params = parse_params(tiny_params(**overrides))
     p = params.distill
     task = DistillTask(_ctx(params), _model(), p)
-    g = torch.Generator().manual_seed(4)
-    soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
     views = TargetViews(p.view, p.strong, None)
     views.store = _Store(soft)
     s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
     tgt = collate([s])
-    captured = {}
-    real = distill_mod.masked_ce_hard
+    real, calls = getattr(distill_mod, name), []
 
-    def spy(logits, label, conf, threshold, ignore):
-        captured["label"], captured["conf"] = label, conf
-        return real(logits, label, conf, threshold, ignore)
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
 
-    distill_mod.masked_ce_hard = spy
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill_mod, name, spy)
         task.loss({"source": _source(1), "target": tgt}, 0)
-    finally:
-        distill_mod.masked_ce_hard = real
+    return calls[0], tgt
+
+
+def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
+    # The teacher's soft map is stored at stride 8 (4x8 for a 32x64 image). KD labels and confidences are
+    # the argmax / max of that map warped bilinearly into the view, not its stride-8 hard map warped nearest.
+    overrides = {"distill.source_ce.enabled": False, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
+    g = torch.Generator().manual_seed(4)
+    soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
+    (_, got_label, got_conf, _, _), tgt = _distill_loss_call(overrides, soft, g, "masked_ce_hard")
     warped = warp_to_view(soft[None], tgt["coords"], (32, 32))
     valid = tgt["valid"]
     conf, label = warped.max(dim=1)
-    assert torch.equal(captured["label"][valid], label[valid])
-    assert torch.allclose(captured["conf"][valid], conf[valid])
+    assert torch.equal(got_label[valid], label[valid])
+    assert torch.allclose(got_conf[valid], conf[valid])
     nearest = warp_to_view(soft.argmax(0)[None], tgt["coords"], (32, 32), mode="nearest", fill=255)
     assert (nearest[valid] != label[valid]).any()  # the two derivations differ on this map
 
@@ -145,30 +151,12 @@ class _Store:
 def test_kd_target_is_a_distribution_from_a_quantised_store() -> None:
     # The default stores the teacher's probabilities as uint8 (round(p * 255)), whose class sums miss 1 by up to
     # K/510; a KL to such a map goes negative when the student matches it (seen as kd=-0.001 in tiny runs).
-    params = parse_params(tiny_params(**{"distill.source_ce.enabled": False, "distill.target_scale": 1.0}))
-    p = params.distill
-    task = DistillTask(_ctx(params), _model(), p)
+    overrides = {"distill.source_ce.enabled": False, "distill.target_scale": 1.0}
     g = torch.Generator().manual_seed(5)
     quantised = (F.softmax(torch.randn(K, 4, 8, generator=g), dim=0) * 255).round() / 255
-    views = TargetViews(p.view, p.strong, None)
-    views.store = _Store(quantised)
-    s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
-    tgt = collate([s])
-    captured = {}
-    real = distill_mod.kd_kl
-
-    def spy(teacher, logits, valid):
-        captured["teacher"], captured["valid"] = teacher, valid
-        return real(teacher, logits, valid)
-
-    distill_mod.kd_kl = spy
-    try:
-        task.loss({"source": _source(1), "target": tgt}, 0)
-    finally:
-        distill_mod.kd_kl = real
-    teacher, valid = captured["teacher"], captured["valid"]
+    (teacher, _, valid), tgt = _distill_loss_call(overrides, quantised, g, "kd_kl")
     raw_sums = warp_to_view(quantised[None], tgt["coords"], (32, 32)).sum(dim=1)[valid]
     assert (raw_sums - 1).abs().max() > 1e-3  # the stored map is not normalised ...
     assert torch.allclose(teacher.sum(dim=1)[valid], torch.ones(()), atol=1e-6)  # ... the KD target is
     # A student equal to the teacher: KL exactly 0 (the raw map gave a nonzero value of either sign).
-    assert abs(float(real(teacher, teacher.clamp_min(1e-30).log(), valid))) < 1e-6
+    assert abs(float(kd_kl(teacher, teacher.clamp_min(1e-30).log(), valid))) < 1e-6
