@@ -21,7 +21,7 @@ from common import keep_dir, mean_std, parser, set_dotted, table, timed_repro, w
 VARIANTS: dict[str, dict[str, Any]] = {
     "no prototypical rectification": {"adapt.rectify": False},
     "no structure KL": {"adapt.structure_kl.enabled": False},
-    "CE instead of symmetric CE": {"adapt.sce.enabled": False},
+    "CE instead of symmetric CE": {"adapt.target_ce.symmetric": False},
     "no regulariser": {"adapt.regulariser.enabled": False},
     "running BN statistics of both domains": {"adapt.target_bn": False},
 }

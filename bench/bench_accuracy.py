@@ -142,7 +142,7 @@ def main() -> None:
         dirs = []
         for seed in args.seeds:
             overrides = {**parse_sets(args.set), **seed_overrides(seed)}
-            root = make_workspace(workdir / f"seed_{seed}", bench_params(args.tiny, overrides))
+            root = make_workspace(workdir / f"seed_{seed}", bench_params(args.params, overrides))
             print(f"seed {seed}: dvc repro in {root}", flush=True)
             repro_s[str(seed)] = timed_repro(root, log=root / "repro.log")
             dirs.append(root)
@@ -175,7 +175,7 @@ def main() -> None:
         f"final stage {agg['final_stage']}: gap closed {pm(final_gap, None)}{'' if final_gap is None else '%'} "
         f"(goal >= {args.goal:g}%: {verdict})"
     )
-    write_result(args.out, {"tiny": args.tiny, "runs": runs, "repro": repro_s or None, **agg})
+    write_result(args.out, {"params": str(args.params), "runs": runs, "repro": repro_s or None, **agg})
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ as in the step), each round right after the step, so that a shared machine's dri
 `overhead_ratio` = step time / their sum, i.e. what views, warps, prototype distances, losses, optimizer, EMA
 and prototype updates and Python add.
 
-Configs: `default` = params.yaml (model, adapt crop and batch, embedded image size); `paper` = params/
-gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896, batch 4, target images
-1100x2200 for the EMA's full view); `tiny` = tests/tiny.py (--tiny). `--device auto` (default) runs `default`
-on this CPU and, when a GPU is present, `default` and `paper` on it with AMP on and off; --configs overrides.
+Configs: `default` = params.yaml, or the file given with --params (model, adapt crop and batch, embedded
+image size); `paper` = params/gta5_cityscapes.yaml (DeepLab-v2 ResNet-101 width 64, feat_dim 256, crop 512x896,
+batch 4, target images 1100x2200 for the EMA's full view). `--device auto` (default) runs `default` on this CPU
+and, when a GPU is present, `default` and `paper` on it with AMP on and off; --configs overrides. `--amp on|off`
+runs that setting alone, in the params' memory format (one supervised + ProDA pair per config and device).
 
     python bench/bench_adapt_cost.py [--configs default paper] [--device auto] [--iters 10] [--warmup 2]
 """
@@ -49,18 +50,20 @@ from common import REPO, bench_params, parse_sets, parser, set_dotted, table, wr
 from torch.profiler import ProfilerActivity, profile, record_function
 
 GIB = 1024**3
+DEFAULT = REPO / "params.yaml"
 BUDGET_GIB = 24  # the goal: a 24 GB card (RTX 3090/4090 class)
 
 
 # ---------------------------------------------------------------------------------------------- worker
-def load_config(name: str, amp: bool, overrides: dict[str, Any] | None = None):
+def load_config(name: str, amp: bool, overrides: dict[str, Any] | None = None, params: str | Path = DEFAULT):
+    """Config `name`: "paper", or "default" = the params file `params` (--params)."""
     from pipeline.config import parse_params
 
     if name == "paper":
         raw = yaml.safe_load((REPO / "params" / "gta5_cityscapes.yaml").read_text())
         raw["model"]["pretrained"] = None  # random init: same cost, no weight file needed
     else:
-        raw = bench_params(name == "tiny")
+        raw = bench_params(Path(params))
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     raw["adapt"]["optim"]["amp"] = amp  # ProDATask's own autocast (EMA forwards) follows the step's setting
@@ -70,7 +73,8 @@ def load_config(name: str, amp: bool, overrides: dict[str, Any] | None = None):
 def make_batch(params, device: torch.device, gen: torch.Generator) -> tuple[dict, dict]:
     """A source batch and a target batch as the adapt stage's streams deliver them, from random images."""
     from pipeline.engine.loop import collate, to_device
-    from pipeline.engine.training import TargetViews, WeakTransform
+    from pipeline.engine.training import WeakTransform
+    from pipeline.methods.self_training import TargetViews
 
     p, k = params.adapt, params.data.num_classes
     bs, stride = p.optim.batch_size, params.model.output_stride
@@ -100,15 +104,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Times `spec['task']` on `spec['config']` (``spec['measure']`` "time"), or measures its peak memory only
     ("memory"; CPU RSS needs a process with other allocator settings); runs in its own process."""
     from pipeline.data.labels import class_names
+    from pipeline.distributed import DistInfo
     from pipeline.engine.context import Context, new_model
-    from pipeline.engine.distributed import DistInfo
     from pipeline.engine.loop import autocast
     from pipeline.maths.prototypes import PrototypeBank
     from pipeline.methods.proda import ProDATask
     from pipeline.methods.supervised import SupervisedTask
 
     torch.manual_seed(0)
-    params = load_config(spec["config"], spec["amp"], spec.get("overrides"))
+    params = load_config(spec["config"], spec["amp"], spec.get("overrides"), spec.get("params", DEFAULT))
     device = torch.device(spec["device"])
     k = params.data.num_classes
     channels_last = spec.get("channels_last", params.base.channels_last)
@@ -298,11 +302,12 @@ def main() -> None:
     ap = parser(__doc__, "adapt_cost")
     ap.add_argument("--configs", nargs="+", choices=["default", "paper"], help="default: default (+ paper on GPU)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="auto: the combinations above")
     ap.add_argument("--iters", type=int, default=10, help="timed iterations (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     ap.add_argument("--set", metavar="KEY=YAML", action="append", default=[], help="params override, repeatable")
     args = ap.parse_args()
-    from pipeline.engine.distributed import bf16_native
+    from pipeline.distributed import bf16_native
 
     if args.device == "auto":  # this CPU always; the GPU too when there is one
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -310,11 +315,11 @@ def main() -> None:
         devices = [args.device]
     rows = []
     for device in devices:
-        configs = ["tiny"] if args.tiny else args.configs or (["default", "paper"] if device == "cuda" else ["default"])
+        configs = args.configs or (["default", "paper"] if device == "cuda" else ["default"])
         for config in configs:
-            cl = bench_params(config == "tiny")["base"]["channels_last"]
-            if args.tiny:
-                combos = [(False, cl)]
+            cl = bench_params(args.params)["base"]["channels_last"]
+            if args.amp != "auto":  # that setting alone, in the params' memory format
+                combos = [(args.amp == "on", cl)]
             elif bf16_native(device):  # bf16 on and off with the params' memory format, bf16 with the other one
                 combos = [(True, cl), (True, not cl), (False, cl)]
             else:  # amp would run fp32 there: both memory formats in fp32 instead
@@ -325,6 +330,7 @@ def main() -> None:
                 for task in ("supervised", "proda"):
                     spec = dict(
                         config=config,
+                        params=str(args.params),
                         task=task,
                         amp=amp,
                         channels_last=channels_last,
@@ -403,7 +409,7 @@ def main() -> None:
     write_result(
         args.out,
         {
-            "tiny": args.tiny,
+            "params": str(args.params),
             "devices": devices,
             "iters": args.iters,
             "warmup": args.warmup,

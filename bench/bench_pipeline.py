@@ -1,7 +1,7 @@
 """Pipeline overhead: wall time per stage of a full `dvc repro` of the default run, a no-op `dvc repro`,
 and Prefect's start-up cost per stage process.
 
-1. A fresh git + DVC workspace with params.yaml (or --tiny), `dvc repro` with every output line timestamped:
+1. A fresh git + DVC workspace with params.yaml (or --params FILE), `dvc repro` with every output line timestamped:
    a stage's time is from its `Running stage` line to the next (so it includes DVC hashing/caching its outputs).
 2. `dvc repro` again with nothing changed: median of --noop-repeat runs (status checks of every stage).
 3. Prefect: bench/bench_prefect_overhead.py's measurement (a trivial stage through `StageRun` vs the same work
@@ -67,7 +67,7 @@ def main() -> None:
     if args.reuse:
         root, full = args.reuse.resolve(), None
     else:
-        root = make_workspace(keep_dir(args.workdir, "pipeline"), bench_params(args.tiny))
+        root = make_workspace(keep_dir(args.workdir, "pipeline"), bench_params(args.params))
         print(f"workspace: {root}", flush=True)
         full = timed_repro(root, targets, log=root / "repro.log")
     noop = noop_repro(root, args.noop_repeat, targets) if args.noop_repeat > 0 else None
@@ -103,7 +103,7 @@ def main() -> None:
     write_result(
         args.out,
         {
-            "tiny": args.tiny,
+            "params": str(args.params),
             "workspace": str(root),
             "until": args.until,
             "prefect_api_url_set": bool(os.environ.get("PREFECT_API_URL")),

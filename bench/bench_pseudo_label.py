@@ -4,8 +4,8 @@ the zarr store vs float32 soft labels.
 On the target-train split of a workspace with a trained warm-up model (--workspace, e.g. a bench_accuracy
 seed; otherwise a new workspace is made and `dvc repro warmup` run in it):
 
-* write: `pipeline.store.inference.write_pseudo_labels` as the stage calls it (forward, softmax, argmax/confidence,
-  compression and zarr writes in a background thread, atomic rename), to a scratch store;
+* write: `pipeline.methods.pseudo_labels.write_pseudo_labels` as the stage calls it (forward, softmax,
+  argmax/confidence, compression and zarr writes in a background thread, atomic rename), to a scratch store;
 * pure inference: the same loader and batch size, forward + softmax only (`softmax_at_stride`), nothing kept.
 
 Both include image decoding (same loader). Median of --repeat runs each, interleaved, after one warm-up pass.
@@ -29,7 +29,7 @@ from bench_store_size import dir_bytes
 from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_result
 
 from pipeline.engine.context import Data, load_model, setup
-from pipeline.store.inference import _loader, softmax_at_stride, write_pseudo_labels
+from pipeline.methods.pseudo_labels import _loader, softmax_at_stride, write_pseudo_labels
 
 # The workspace layout dvc.yaml gives the pseudo_label stage.
 MODEL, MANIFESTS = Path("models/warmup/last.pt"), Path("data/manifests")
@@ -50,7 +50,7 @@ def main() -> None:
     if args.workspace:
         root = args.workspace.resolve()
     else:
-        root = make_workspace(keep_dir(args.workdir, "pseudo-label"), bench_params(args.tiny))
+        root = make_workspace(keep_dir(args.workdir, "pseudo-label"), bench_params(args.params))
         print(f"dvc repro warmup in {root}", flush=True)
         timed_repro(root, ["warmup"], log=root / "repro.log")
     os.chdir(root)  # the pipeline's paths (data/manifests, models/) are relative to the workspace
@@ -127,7 +127,7 @@ def main() -> None:
     write_result(
         args.out,
         {
-            "tiny": args.tiny,
+            "params": str(args.params),
             "workspace": str(root),
             "device": str(dev),
             "images": n,

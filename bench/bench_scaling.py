@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_result
-
-from tests.tiny import write_params
+from common import bench_params, keep_dir, make_workspace, parser, table, timed_repro, write_params, write_result
 
 COUNTS = ("n_source", "n_target_train", "n_target_val")
 TRAINING = ("warmup", "oracle", "adapt", "distill")
 
 
-def scaled(tiny: bool, factor: int, iters: int) -> dict:
-    params = bench_params(tiny)
+def scaled(path: Path, factor: int, iters: int) -> dict:
+    params = bench_params(path)
     emb = params["data"]["embedded"]
     for key in COUNTS:
         emb[key] *= factor
@@ -43,10 +41,10 @@ def main() -> None:
     ap.add_argument("--until", help="`dvc repro STAGE`: that stage and its upstream only (default: the whole DAG)")
     args = ap.parse_args()
 
-    root = make_workspace(keep_dir(args.workdir, "scaling"), scaled(args.tiny, args.factors[0], args.iters))
+    root = make_workspace(keep_dir(args.workdir, "scaling"), scaled(args.params, args.factors[0], args.iters))
     runs, images = {}, {}
     for f in args.factors:
-        params = scaled(args.tiny, f, args.iters)
+        params = scaled(args.params, f, args.iters)
         write_params(root, params)
         images[str(f)] = {k: params["data"]["embedded"][k] for k in COUNTS}
         print(f"{f}x: {images[str(f)]}, dvc repro in {root}", flush=True)
@@ -64,7 +62,7 @@ def main() -> None:
     write_result(
         args.out,
         {
-            "tiny": args.tiny,
+            "params": str(args.params),
             "workspace": str(root),
             "factors": args.factors,
             "iters": args.iters,

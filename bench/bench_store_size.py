@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from pipeline.config import parse_params  # noqa: E402
-from pipeline.maths.prototypes import proto_logits, rectify  # noqa: E402
+from pipeline.maths.prototypes import proto_logits  # noqa: E402
+from pipeline.maths.selection import rectify  # noqa: E402
 from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter  # noqa: E402
 
 K = 19

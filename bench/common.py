@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,20 +26,28 @@ if str(REPO) not in sys.path:  # scripts run as `python bench/x.py` from anywher
 
 import yaml  # noqa: E402
 
-from tests.tiny import tiny_params, workspace  # noqa: E402
-
 DVC = [sys.executable, "-m", "dvc"]
+# DVC's per-repo site cache, inside each workspace (not the machine's site cache; not a git file).
+SITE_CACHE = ".dvc_site"
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 
 # ------------------------------------------------------------------------------------------- arguments
 def parser(doc: str, name: str) -> argparse.ArgumentParser:
-    """argparse with the options every script has: --out (JSON) and --tiny (tests/tiny.py's params)."""
+    """argparse with the options every script has: --out (JSON) and --params (the params file to run with)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Resolved at once: a script may chdir into a workspace before writing.
-    default = RESULTS / f"{name}.json"
-    ap.add_argument("--out", type=lambda s: Path(s).resolve(), default=default, help="JSON file (default: %(default)s)")
-    ap.add_argument("--tiny", action="store_true", help="tests/tiny.py's tiny params instead of params.yaml (tests)")
+
+    def path(s: str) -> Path:  # resolved at once: a script may chdir into a workspace before using it
+        return Path(s).resolve()
+
+    ap.add_argument("--out", type=path, default=RESULTS / f"{name}.json", help="JSON file (default: %(default)s)")
+    ap.add_argument(
+        "--params",
+        type=path,
+        default=REPO / "params.yaml",
+        metavar="FILE",
+        help="params file to run with instead of the repository's params.yaml (the tests pass tiny sizes)",
+    )
     return ap
 
 
@@ -61,9 +70,11 @@ def set_dotted(params: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
-def bench_params(tiny: bool, overrides: dict[str, Any] | None = None) -> dict:
-    """The repository's params.yaml (or the tiny test params) with dotted-key overrides."""
-    params = tiny_params() if tiny else yaml.safe_load((REPO / "params.yaml").read_text())
+def bench_params(path: Path, overrides: dict[str, Any] | None = None) -> dict:
+    """The params file `path` (--params: the repository's params.yaml unless given) with dotted-key overrides."""
+    if not path.is_file():
+        raise SystemExit(f"--params {path}: no such file")
+    params = yaml.safe_load(path.read_text())
     for key, value in (overrides or {}).items():
         set_dotted(params, key, value)
     return params
@@ -85,11 +96,45 @@ def seed_overrides(seed: int) -> dict[str, int]:
     return {"base.seed": seed, "data.embedded.seed": seed}
 
 
+def write_params(root: Path, params: dict) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def copy_project(root: Path, params: dict) -> Path:
+    """The project's code (pipeline/, stages/) and dvc.yaml in root, with these params as its params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("pipeline", "stages"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_params(root, params)
+    return root
+
+
+def init_repo(root: Path) -> Path:
+    """Makes root a git + DVC repo of its own (analytics off, DVC's site cache inside it), all files committed."""
+
+    def call(*cmd: str) -> None:
+        res = subprocess.run(cmd, cwd=root, env=bench_env(), capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({res.returncode}) in {root}:\n{res.stdout}{res.stderr}")
+
+    call("git", "init", "-q")
+    call("git", "config", "user.email", "bench@localhost")
+    call("git", "config", "user.name", "bench")
+    call(*DVC, "init", "-q")
+    call(*DVC, "config", "core.analytics", "false")
+    call(*DVC, "config", "core.site_cache_dir", str(root / SITE_CACHE))
+    (root / ".gitignore").write_text(f"{SITE_CACHE}/\n.resume/\n__pycache__/\n")
+    call("git", "add", "-A")
+    call("git", "commit", "-qm", "init")
+    return root
+
+
 def make_workspace(root: Path, params: dict) -> Path:
-    """A git + DVC copy of the project (code, dvc.yaml) with these params, as tests/tiny.py builds it."""
+    """A git + DVC copy of the project (code, dvc.yaml) with these params, committed: what `dvc repro` runs in."""
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"{root} exists and is not empty; give an empty or new folder")
-    return workspace(root, params, git_dvc=True)
+    return init_repo(copy_project(root, params))
 
 
 def bench_env() -> dict[str, str]:

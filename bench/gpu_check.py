@@ -10,10 +10,11 @@
 3. The pseudo-label writer: images/s of inference + `PseudoLabelWriter` (the stage's writer) vs inference
    alone, at the paper's image size (soft maps 19x128x256), random-init weights.
 
-`--dry-run` runs the same code on this CPU at tiny sizes (gloo instead of NCCL), so the script is tested
-without a GPU (tests/test_bench.py).
+`--dry-run` runs the same code on this CPU (gloo instead of NCCL; the `default` config only, few steps and
+images), so the script is tested without a GPU: tests/test_bench.py passes tiny sizes with `--params FILE`, which
+replaces params.yaml as the `default` config (the paper config is params/gta5_cityscapes.yaml either way).
 
-    python bench/gpu_check.py [--dry-run] [--out bench/results/gpu_check.json]
+    python bench/gpu_check.py [--dry-run] [--params FILE] [--out bench/results/gpu_check.json]
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from common import parser, table, write_result
 
 
 # ---------------------------------------------------------------------------------------------- 1. stage 1
-def stage1(dry: bool, iters: int) -> list[dict[str, Any]]:
+def stage1(dry: bool, iters: int, params: Path) -> list[dict[str, Any]]:
     device = "cpu" if dry else "cuda"
     rows = []
-    for config in ["tiny"] if dry else ["default", "paper"]:
+    for config in ["default"] if dry else ["default", "paper"]:
         for task in ("supervised", "proda"):
-            spec = dict(config=config, task=task, amp=True, device=device, iters=iters, warmup=1 if dry else 3)
+            spec = dict(config=config, params=str(params), task=task, amp=True, device=device, iters=iters)
+            spec["warmup"] = 1 if dry else 3
             print(f"stage 1: {spec}", flush=True)
             r = run_worker(spec)
             if not r["oom"]:
@@ -47,10 +49,10 @@ def stage1(dry: bool, iters: int) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- 2. DDP
-def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str) -> None:
+def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str) -> None:
     from pipeline.data.labels import class_names
+    from pipeline.distributed import DistInfo
     from pipeline.engine.context import Context, new_model
-    from pipeline.engine.distributed import DistInfo
     from pipeline.engine.loop import autocast
     from pipeline.maths.prototypes import PrototypeBank
     from pipeline.methods.proda import ProDATask
@@ -62,7 +64,7 @@ def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str) -> None:
             torch.cuda.set_device(device)
         backend = "gloo" if dry else "nccl"
         dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=2)
-        params = load_config("tiny" if dry else "default", amp=True)
+        params = load_config("default", amp=True, params=params_file)
         torch.manual_seed(0)  # same initial weights on both ranks (DDP broadcasts rank 0's anyway)
         k = params.data.num_classes
         model = new_model(params.model, k).to(device).train()
@@ -101,13 +103,17 @@ def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str) -> None:
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def ddp(dry: bool) -> dict[str, Any]:
+def ddp(dry: bool, params: Path) -> dict[str, Any]:
     if not dry and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
     with tempfile.TemporaryDirectory() as tmp:
         print("DDP: 2 processes, one device", flush=True)
         ctx = mp.start_processes(
-            _ddp_worker, args=(str(Path(tmp) / "init"), dry, tmp), nprocs=2, join=False, start_method="spawn"
+            _ddp_worker,
+            args=(str(Path(tmp) / "init"), dry, tmp, str(params)),
+            nprocs=2,
+            join=False,
+            start_method="spawn",
         )
         deadline = time.time() + 180
         while not ctx.join(timeout=5):
@@ -123,13 +129,13 @@ def ddp(dry: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- 3. writer
-def writer(dry: bool, n: int) -> dict[str, Any]:
+def writer(dry: bool, n: int, params_file: Path) -> dict[str, Any]:
     from pipeline.engine.context import new_model
-    from pipeline.store.inference import softmax_at_stride
+    from pipeline.methods.pseudo_labels import softmax_at_stride
     from pipeline.store.pseudo_store import PseudoLabelWriter
 
     device = torch.device("cpu" if dry else "cuda")
-    params = load_config("tiny" if dry else "paper", amp=True)
+    params = load_config("default" if dry else "paper", amp=True, params=params_file)
     k = params.data.num_classes
     model = new_model(params.model, k).to(device).eval()
     size = params.data.image_size("target")
@@ -177,7 +183,7 @@ def writer(dry: bool, n: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- driver
 def main() -> None:
     ap = parser(__doc__, "gpu_check")
-    ap.add_argument("--dry-run", action="store_true", help="this CPU, tiny sizes, gloo: checks the script itself")
+    ap.add_argument("--dry-run", action="store_true", help="this CPU, gloo, few steps: checks the script itself")
     ap.add_argument("--iters", type=int, default=10, help="timed stage-1 steps per row (median)")
     ap.add_argument("--writer-images", type=int, default=64)
     args = ap.parse_args()
@@ -185,16 +191,16 @@ def main() -> None:
     if not dry and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run to check the script on CPU")
     t0 = time.time()
-    env: dict[str, Any] = {"dry_run": dry, "torch": torch.__version__}
+    env: dict[str, Any] = {"dry_run": dry, "params": str(args.params), "torch": torch.__version__}
     if torch.cuda.is_available():
         env.update(
             gpu=torch.cuda.get_device_name(0),
             bf16=torch.cuda.is_bf16_supported(),
             nccl=".".join(map(str, torch.cuda.nccl.version())),
         )
-    rows = stage1(dry, 1 if dry else args.iters)
-    ddp_res = ddp(dry)
-    writer_res = writer(dry, 8 if dry else args.writer_images)
+    rows = stage1(dry, 1 if dry else args.iters, args.params)
+    ddp_res = ddp(dry, args.params)
+    writer_res = writer(dry, 8 if dry else args.writer_images, args.params)
 
     def cells(r: dict) -> list[str]:
         if r["oom"]:

@@ -199,7 +199,7 @@ class PseudoLabelParams(Strict):
     soft_dtype: Literal["float16", "uint8"]
     chunk_mb: PosFloat  # soft labels per zarr chunk (several images per chunk; see pipeline/store/pseudo_store.py)
     # Confidence threshold used only to report pseudo-label quality (coverage, accuracy of kept pixels).
-    quality_threshold: Prob
+    conf_threshold: Prob
 
 
 class PrototypeParams(Strict):
@@ -210,6 +210,10 @@ class PrototypeParams(Strict):
 class LossSwitch(Strict):
     enabled: bool
     weight: NonNegFloat
+
+
+class TargetCESwitch(LossSwitch):
+    symmetric: bool
 
 
 class PreciseBNParams(Strict):
@@ -232,8 +236,8 @@ class AdaptParams(Strict):
     target_scale: Prob
     source_ce: LossSwitch
     rectify: bool
-    # Symmetric CE on the rectified label; with sce.enabled false a plain CE is used.
-    sce: LossSwitch
+    # CE on the rectified labels: symmetric (SCE, the paper, with sce_alpha/sce_beta) or plain.
+    target_ce: TargetCESwitch
     sce_alpha: NonNegFloat
     sce_beta: NonNegFloat
     conf_threshold: Prob
@@ -268,7 +272,7 @@ class DistillParams(Strict):
     kd_beta: NonNegFloat
     target_scale: Prob
     source_ce: LossSwitch
-    # "previous": start from the teacher's weights; "pretrained": backbone from model.pretrained_student.
+    # "previous": start from the teacher's weights; "pretrained": backbone from distill.student_weights.
     student_init: Literal["previous", "pretrained", "scratch"]
     student_weights: str | None
     target_bn: bool  # as adapt.target_bn

@@ -6,12 +6,14 @@ Usage: python -m stages.adapt --manifests data/manifests --model models/warmup/l
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.methods.proda import train_adapt
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 from stages.common import training_args, training_outputs
 
 
@@ -38,4 +40,6 @@ if __name__ == "__main__":
     ap.add_argument("--prototypes", type=Path, required=True, help="initial prototypes")
     ap.add_argument("--rectified-metrics", type=Path, required=True, help="raw vs rectified label quality JSON")
     args = ap.parse_args()
-    run_stage("adapt", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics, args.rectified_metrics])
+    run_stage(
+        "adapt", partial(main, args=args), args.params, [args.metrics, args.rectified_metrics], StageRun.for_stage
+    )

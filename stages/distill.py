@@ -6,12 +6,14 @@ Usage: python -m stages.distill --round 1 --manifests data/manifests --teacher m
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.methods.distill import train_distill
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 from stages.common import training_args, training_outputs
 
 
@@ -30,4 +32,4 @@ if __name__ == "__main__":
     ap.add_argument("--teacher", type=Path, required=True, help="model file of the round's teacher")
     ap.add_argument("--labels", type=Path, required=True, help="the teacher's pseudo-label store")
     args = ap.parse_args()
-    run_stage(f"distill@{args.round}", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage(f"distill@{args.round}", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

@@ -7,11 +7,13 @@ pseudo/warmup.zarr, pseudo/teacher_<r>.zarr.
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.engine.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 from pipeline.report.evaluation import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
 from pipeline.report.render import REPORT_MD, ReportOutputs, write_outputs
 from pipeline.report.summary import format_summary
@@ -86,4 +88,4 @@ if __name__ == "__main__":
     ap.add_argument("--plots", type=Path, required=True)
     ap.add_argument("--reports", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("evaluate", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage("evaluate", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

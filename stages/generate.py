@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.engine.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 
 
 def check_roots(params: Params, out: Path) -> None:
@@ -39,4 +40,4 @@ if __name__ == "__main__":
     ap = stage_parser(__doc__)
     ap.add_argument("--out", type=Path, required=True, help="folder of the generated source/ and target/")
     args = ap.parse_args()
-    run_stage("generate", lambda ctx, params: main(ctx, params, args.out), args.params)
+    run_stage("generate", lambda ctx, params: main(ctx, params, args.out), args.params, runner=StageRun.for_stage)

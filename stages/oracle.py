@@ -6,11 +6,13 @@ Usage: python -m stages.oracle --manifests data/manifests --out models/oracle --
 """
 
 import argparse
+from functools import partial
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.methods.supervised import train_oracle
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 from stages.common import training_args, training_outputs
 
 
@@ -22,4 +24,4 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict:
 
 if __name__ == "__main__":
     args = training_args(stage_parser(__doc__)).parse_args()
-    run_stage("oracle", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage("oracle", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

@@ -8,8 +8,9 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.data.datasets import prepare_manifests
 from pipeline.engine.context import Context
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.files import write_json
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 
 
 def main(ctx: Context, params: Params, out: Path, metrics: Path) -> dict:
@@ -23,4 +24,10 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True, help="folder of the manifests")
     ap.add_argument("--metrics", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("prepare", lambda ctx, params: main(ctx, params, args.out, args.metrics), args.params, [args.metrics])
+    run_stage(
+        "prepare",
+        lambda ctx, params: main(ctx, params, args.out, args.metrics),
+        args.params,
+        [args.metrics],
+        StageRun.for_stage,
+    )

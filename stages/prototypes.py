@@ -5,13 +5,15 @@ Usage: python -m stages.prototypes --manifests data/manifests --model models/war
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data, load_model
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.files import write_json
-from pipeline.orchestration.stage import run_stage, stage_parser
-from pipeline.store.inference import init_prototypes
+from pipeline.methods.pseudo_labels import init_prototypes
+from pipeline.orchestration.flows import StageRun
 
 
 def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
@@ -36,4 +38,4 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, required=True, help="prototype file to write")
     ap.add_argument("--metrics", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("prototypes", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage("prototypes", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

@@ -5,12 +5,14 @@ Usage: python -m stages.pseudo_label --manifests data/manifests --model models/w
 """
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data, load_model
-from pipeline.orchestration.stage import run_stage, stage_parser
-from pipeline.store.inference import store_quality, write_pseudo_labels
+from pipeline.engine.stage import run_stage, stage_parser
+from pipeline.methods.pseudo_labels import store_quality, write_pseudo_labels
+from pipeline.orchestration.flows import StageRun
 
 
 def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
@@ -39,7 +41,7 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
         ctx,
         data,
         args.out,
-        p.quality_threshold,
+        p.conf_threshold,
         args.metrics,
         args.plots / "per_class.csv",
         extra={"throughput": timing},
@@ -55,4 +57,4 @@ if __name__ == "__main__":
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
     args = ap.parse_args()
-    run_stage("pseudo_label", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage("pseudo_label", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

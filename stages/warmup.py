@@ -6,11 +6,13 @@ Usage: python -m stages.warmup --manifests data/manifests --out models/warmup --
 """
 
 import argparse
+from functools import partial
 
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
+from pipeline.engine.stage import run_stage, stage_parser
 from pipeline.methods.supervised import align_bn_to_target, train_supervised
-from pipeline.orchestration.stage import run_stage, stage_parser
+from pipeline.orchestration.flows import StageRun
 from stages.common import training_args, training_outputs
 
 
@@ -25,4 +27,4 @@ def main(ctx: Context, params: Params, args: argparse.Namespace) -> dict | None:
 
 if __name__ == "__main__":
     args = training_args(stage_parser(__doc__)).parse_args()
-    run_stage("warmup", lambda ctx, params: main(ctx, params, args), args.params, [args.metrics])
+    run_stage("warmup", partial(main, args=args), args.params, [args.metrics], StageRun.for_stage)

@@ -5,21 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_params
 
 import pipeline.methods.distill as distill_mod
+import pipeline.methods.proda as proda_mod
 from pipeline.config import parse_params
 from pipeline.data.labels import class_names
 from pipeline.data.views import warp_to_view
+from pipeline.distributed import DistInfo
 from pipeline.engine.context import Context
-from pipeline.engine.distributed import DistInfo
 from pipeline.engine.loop import collate
-from pipeline.engine.training import TargetViews
 from pipeline.maths.losses import kd_kl
 from pipeline.maths.prototypes import PrototypeBank
+from pipeline.maths.selection import ConfidenceThreshold
 from pipeline.methods.distill import DistillTask
 from pipeline.methods.proda import ProDATask
+from pipeline.methods.self_training import TargetViews
 from pipeline.models import build_model
+from tests.tiny import tiny_params
 
 K = 19
 
@@ -70,7 +72,7 @@ def test_stage1_source_and_target_forwards_are_separate() -> None:
     assert [b.shape[0] for b in seen] == [2, 4]
     assert torch.equal(seen[0], src["image"])
     assert torch.equal(seen[1], torch.cat([tgt["weak_image"], tgt["image"]]))
-    assert {"src_ce", "tgt_sce", "kl", "reg"} <= set(logs)
+    assert {t.name for t in proda_mod.TERMS} <= set(logs)
     total.backward()
     assert all(torch.isfinite(q.grad).all() for q in model.parameters() if q.grad is not None)
 
@@ -100,9 +102,11 @@ def test_stage1_sce_and_regulariser_see_the_weak_view() -> None:
     assert torch.allclose(grads[0], grads[1])
 
 
-def _distill_loss_call(overrides: dict, soft: torch.Tensor, g: torch.Generator, name: str) -> tuple[tuple, dict]:
+def _distill_loss_call(
+    overrides: dict, soft: torch.Tensor, g: torch.Generator, name: str, owner: object = distill_mod
+) -> tuple[tuple, dict]:
     """One KD-round loss on a target view whose store holds `soft`; returns the arguments of distill's call of
-    `name` (a loss function it imports) and the target batch."""
+    `name` (a function it imports, or a method of `owner`) and the target batch."""
     params = parse_params(tiny_params(**overrides))
     p = params.distill
     task = DistillTask(_ctx(params), _model(), p)
@@ -110,14 +114,14 @@ def _distill_loss_call(overrides: dict, soft: torch.Tensor, g: torch.Generator, 
     views.store = _Store(soft)
     s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
     tgt = collate([s])
-    real, calls = getattr(distill_mod, name), []
+    real, calls = getattr(owner, name), []
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(distill_mod, name, spy)
+        mp.setattr(owner, name, spy)
         task.loss({"source": _source(1), "target": tgt}, 0)
     return calls[0], tgt
 
@@ -128,7 +132,7 @@ def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
     overrides = {"distill.source_ce.enabled": False, "distill.kd_beta": 0.0, "distill.target_scale": 1.0}
     g = torch.Generator().manual_seed(4)
     soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
-    (_, got_label, got_conf, _, _), tgt = _distill_loss_call(overrides, soft, g, "masked_ce_hard")
+    (_, got_label, got_conf, _), tgt = _distill_loss_call(overrides, soft, g, "apply", ConfidenceThreshold)
     warped = warp_to_view(soft[None], tgt["coords"], (32, 32))
     valid = tgt["valid"]
     conf, label = warped.max(dim=1)

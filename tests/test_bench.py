@@ -1,5 +1,6 @@
 """The bench/ scripts run on tiny sizes and write their JSON with the expected keys (no timing is asserted).
 
+The tiny sizes reach the scripts as a params file (`--params`); bench/ never imports tests/.
 One tiny workspace is shared: bench_pipeline builds it (`dvc repro warmup`, the stages that need no later
 model) and bench_pseudo_label reuses its warm-up model. bench_accuracy aggregates evaluate.json files in the
 evaluate stage's format (a full tiny `dvc repro` is tested in test_pipeline_dvc.py).
@@ -7,6 +8,7 @@ evaluate stage's format (a full tiny `dvc repro` is tested in test_pipeline_dvc.
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny import REPO, run, tiny_params
+from tests.tiny import REPO, run, tiny_params, write_params
 
 COMMON = {"date", "command", "machine"}
+slow = pytest.mark.slow  # every test but the import check runs the scripts
 
 
 def bench(script: str, *args: str) -> str:
@@ -30,23 +33,42 @@ def result(path: Path, keys: set[str]) -> dict:
     return data
 
 
+def test_bench_does_not_import_tests() -> None:
+    for path in sorted((REPO / "bench").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] in ("tests", "tiny", "conftest")], path.name
+
+
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> tuple[Path, dict]:
+def tiny(tmp_path_factory) -> Path:
+    """The tiny params as a file, for the scripts' --params."""
+    root = tmp_path_factory.mktemp("tiny-params")
+    write_params(root, tiny_params())
+    return root / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny: Path) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "pipeline.json"
     args = f"--workdir {tmp / 'ws'} --until adapt --noop-repeat 1 --prefect-repeat 1 --prefect-modes no-server-unset"
-    bench("bench_pipeline", "--tiny", "--out", str(out), *args.split())
+    bench("bench_pipeline", "--params", str(tiny), "--out", str(out), *args.split())
     return tmp / "ws", result(out, {"repro", "noop_repro", "prefect", "workspace"})
 
 
-def test_pipeline(pipeline) -> None:
+@slow
+def test_pipeline(pipeline, tiny: Path) -> None:
     _, data = pipeline
     assert {"generate", "prepare", "warmup"} <= set(data["repro"]["stages"])
     assert {"total_s", "dvc_overhead_s"} <= set(data["repro"])
     assert len(data["noop_repro"]["runs_s"]) == 1
     assert data["prefect"]["rows"][0]["mode"] == "no-server-unset"
+    assert data["params"] == str(tiny)
 
 
+@slow
 def test_pipeline_reuse(pipeline, tmp_path: Path) -> None:
     """--reuse measures the no-op repro of a finished workspace without running the stages again."""
     ws, _ = pipeline
@@ -57,10 +79,11 @@ def test_pipeline_reuse(pipeline, tmp_path: Path) -> None:
     assert len(data["noop_repro"]["runs_s"]) == 3
 
 
+@slow
 def test_pseudo_label(pipeline, tmp_path: Path) -> None:
     ws, _ = pipeline
     out = tmp_path / "pl.json"
-    bench("bench_pseudo_label", "--tiny", "--workspace", str(ws), "--repeat", "1", "--out", str(out))
+    bench("bench_pseudo_label", "--workspace", str(ws), "--repeat", "1", "--out", str(out))
     data = result(out, {"images_per_s", "write_over_inference", "bytes_per_image", "ratio_float32_over_zarr"})
     assert set(data["images_per_s"]) == {"pure_inference", "write_pseudo_labels"}
     assert data["bytes_per_image"]["zarr"]["total"] > 0
@@ -82,6 +105,7 @@ def fake_run(root: Path, seed: int, warmup: float, adapt: float, kd: float, orac
     root.joinpath("metrics", "evaluate.json").write_text(json.dumps(evaluate, sort_keys=True))
 
 
+@slow
 def test_accuracy_reuse(tmp_path: Path) -> None:
     fake_run(tmp_path / "runs" / "seed_0", 0, 20.0, 25.0, 29.0, 40.0)
     fake_run(tmp_path / "runs" / "seed_1", 1, 22.0, 27.0, 31.0, 42.0)
@@ -96,6 +120,7 @@ def test_accuracy_reuse(tmp_path: Path) -> None:
     assert "gap closed 45.0% (goal >= 50%" in text
 
 
+@slow
 def test_ablation(pipeline, tmp_path: Path) -> None:
     """One variant on the finished tiny run: a copy where `dvc repro adapt` reruns stage 1 only."""
     ws, _ = pipeline
@@ -110,10 +135,14 @@ def test_ablation(pipeline, tmp_path: Path) -> None:
     assert "no structure KL" in text and "source only" in text
 
 
-def test_adapt_cost(tmp_path: Path) -> None:
+@slow
+def test_adapt_cost(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
-    bench("bench_adapt_cost", "--tiny", "--iters", "1", "--warmup", "1", "--out", str(out))
+    args = ["--params", str(tiny), "--device", "cpu", "--amp", "off", "--iters", "1", "--warmup", "1"]
+    bench("bench_adapt_cost", *args, "--out", str(out))
     data = result(out, {"devices", "rows", "goal_fits_24gib"})
+    assert len(data["rows"]) == 2 and not any(r["amp"] for r in data["rows"])
+    assert data["params"] == str(tiny) and {r["params"] for r in data["rows"]} == {str(tiny)}
     assert [r["task"] for r in data["rows"]][:2] == ["supervised", "proda"]
     for r in data["rows"]:
         assert not r["oom"] and {"s_per_iter", "peak_extra_mb", "baseline_mb", "overhead_ratio"} <= set(r)
@@ -127,20 +156,23 @@ def test_adapt_cost(tmp_path: Path) -> None:
     assert set(passes) == {"student_forward_source", "student_forward_target", "ema_forward", "backward"}
 
 
-def test_gpu_check_dry_run(tmp_path: Path) -> None:
+@slow
+def test_gpu_check_dry_run(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    text = bench("gpu_check", "--dry-run", "--out", str(out))
-    data = result(out, {"stage1", "ddp", "writer", "dry_run"})
+    text = bench("gpu_check", "--dry-run", "--params", str(tiny), "--out", str(out))
+    data = result(out, {"stage1", "ddp", "writer", "dry_run", "params"})
     assert data["dry_run"] and [(r["config"], r["task"]) for r in data["stage1"]] == [
-        ("tiny", "supervised"),
-        ("tiny", "proda"),
+        ("default", "supervised"),
+        ("default", "proda"),
     ]
+    assert data["params"] == str(tiny) and data["writer"]["soft_map"][1:] == [4, 8]  # tiny 32x64 at stride 8
     assert all(r["overhead_ratio"] > 0 and r["images_per_s"] > 0 for r in data["stage1"])
     # gloo on CPU: the two ranks end with the same weights and prototypes.
     assert data["ddp"]["weights_equal"] and data["ddp"]["prototypes_equal"], data["ddp"]
     assert data["writer"]["writer_over_inference"] > 0 and "writer:" in text
 
 
+@slow
 def test_store_size(tmp_path: Path) -> None:
     out = tmp_path / "store.json"
     text = bench("bench_store_size", str(out), "--n", "8")
@@ -152,10 +184,11 @@ def test_store_size(tmp_path: Path) -> None:
         assert u8["ratio_vs_float32_npy"] > size["formats"]["zarr float16 soft+label+conf"]["ratio_vs_float32_npy"]
 
 
-def test_scaling(tmp_path: Path) -> None:
+@slow
+def test_scaling(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
     args = f"--factors 1 2 --until generate --workdir {tmp_path / 'ws'}"
-    bench("bench_scaling", "--tiny", "--out", str(out), *args.split())
+    bench("bench_scaling", "--params", str(tiny), "--out", str(out), *args.split())
     data = result(out, {"factors", "iters", "images", "runs"})
     assert data["images"]["2"]["n_source"] == 2 * data["images"]["1"]["n_source"]
     assert set(data["runs"]) == {"1", "2"} and all("generate" in r["stages"] for r in data["runs"].values())

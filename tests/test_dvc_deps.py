@@ -1,4 +1,10 @@
-"""dvc.yaml's code deps are each stage's import closure, and its commands pass every path the stage uses."""
+"""dvc.yaml's code deps are each stage's import closure, and its commands pass every path the stage uses.
+
+The rule for code deps: every module a stage runs is a dep, except the monitoring and orchestration layer
+(``pipeline/orchestration/``: the Prefect flow wrapper the stage entry injects, the server, the DAG flow). Those
+modules cannot change a stage's outputs, because they receive no output paths and write no artifacts; this file
+checks both halves of that rule, so editing them reruns no stage.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from pipeline.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages")
+#: Modules that run in a stage process but are no code deps (the rule in the module docstring).
+NOT_DEPS = "pipeline/orchestration/"
 SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
@@ -34,8 +42,9 @@ def _imports(path: Path) -> set[str]:
     return {m for m in out if m.split(".")[0] in PACKAGES}
 
 
-def import_closure(entry: Path) -> set[str]:
-    """Files of pipeline/ and stages/ that running ``entry`` as ``python -m stages.<x>`` executes."""
+def import_closure(entry: Path, all_modules: bool = False) -> set[str]:
+    """Files of pipeline/ and stages/ that running ``entry`` as ``python -m stages.<x>`` executes and that can
+    change its outputs: the closure without the orchestration layer (with ``all_modules``: everything)."""
     seen: set[Path] = set()
     todo = [entry, REPO / "stages/__init__.py"]
     while todo:
@@ -47,7 +56,8 @@ def import_closure(entry: Path) -> set[str]:
             parts = module.split(".")
             # `import a.b.c` executes a/__init__.py and a/b/__init__.py too.
             todo += [f for i in range(1, len(parts) + 1) if (f := _module_file(".".join(parts[:i])))]
-    return {str(p.relative_to(REPO)) for p in seen}
+    files = {str(p.relative_to(REPO)) for p in seen}
+    return files if all_modules else {f for f in files if not f.startswith(NOT_DEPS)}
 
 
 def _stage_specs() -> list[tuple[str, dict]]:
@@ -131,3 +141,95 @@ def test_every_path_a_command_passes_is_declared(name: str, spec: dict) -> None:
     for path in paths:
         inside = any(path == d or path.startswith(d + "/") or d.startswith(path + "/") for d in declared)
         assert inside, f"stage '{name}': {path} is passed on the command line but not declared"
+
+
+# Calls that write files; none may appear in a module that is not a code dep.
+WRITES = {"write_text", "write_bytes", "mkdir", "save", "save_atomic", "dump", "rename", "replace", "unlink", "rmtree"}
+
+
+def _not_deps_run_by_stages() -> set[str]:
+    files = set()
+    for _, spec in _stage_specs():
+        files |= import_closure(REPO / "stages" / f"{_module_of(spec['cmd'])}.py", all_modules=True)
+    return {f for f in files if f.startswith(NOT_DEPS)}
+
+
+def test_modules_that_are_no_deps_write_no_artifacts() -> None:
+    """The first half of the rule: an orchestration module a stage runs opens no file for writing, calls no
+    writer, and imports none of the library's writers (pipeline.files)."""
+    modules = _not_deps_run_by_stages()
+    assert "pipeline/orchestration/flows.py" in modules  # the stage entries do run the Prefect wrapper
+    for rel in sorted(modules):
+        tree = ast.parse((REPO / rel).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "pipeline.files", f"{rel} imports the artifact writers"
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else fn.id if isinstance(fn, ast.Name) else ""
+                assert name not in WRITES, f"{rel}:{node.lineno} calls {name}()"
+                if name == "open":
+                    modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+                    modes += [
+                        k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)
+                    ]
+                    assert not any(set(str(m)) & set("wax+") for m in modes), f"{rel}:{node.lineno} opens for writing"
+
+
+def test_modules_that_are_no_deps_receive_no_output_paths() -> None:
+    """The second half: a stage module hands the orchestration layer nothing from its command line but the
+    params file (the runner factory is passed uncalled), and run_stage calls the runner with the stage name and
+    the params path only."""
+    for name, spec in _stage_specs():
+        tree = ast.parse((REPO / "stages" / f"{_module_of(spec['cmd'])}.py").read_text())
+        injected = {
+            a.asname or a.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline.orchestration")
+            for a in node.names
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            callee = node.func
+            while isinstance(callee, ast.Attribute):
+                callee = callee.value
+            if isinstance(callee, ast.Name) and callee.id in injected:
+                raise AssertionError(f"stage '{name}' calls the orchestration layer itself: {ast.unparse(node)}")
+    run_stage = next(
+        n
+        for n in ast.walk(ast.parse((REPO / "pipeline/engine/stage.py").read_text()))
+        if isinstance(n, ast.FunctionDef) and n.name == "run_stage"
+    )
+    calls = [ast.unparse(c) for c in ast.walk(run_stage) if isinstance(c, ast.Call) and ast.unparse(c.func) == "runner"]
+    assert calls == ["runner(name, Path(params_path))"]
+
+
+def _plot_columns(csv: str) -> set[str]:
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    cols: set[str] = set()
+    for entry in plots:
+        if isinstance(entry, dict):
+            for spec in entry.values():
+                y = spec.get("y") if isinstance(spec, dict) else None
+                if isinstance(y, dict) and csv in y:
+                    cols |= set(y[csv]) if isinstance(y[csv], list) else {y[csv]}
+    return cols
+
+
+def test_plot_columns_are_declared_loss_terms() -> None:
+    """dvc.yaml's charts of the training curves draw declared terms (each spelled once, in its method) and the
+    loop's own columns; a renamed term fails here instead of drawing an empty chart."""
+    from pipeline.methods import distill, proda, supervised
+
+    own = {"loss", "lr"}
+    declared = {
+        "plots/warmup/train.csv": {t.name for t in (supervised.CE, supervised.ADV_G, supervised.ADV_D)},
+        "plots/oracle/train.csv": {supervised.CE.name},
+        "plots/adapt/train.csv": {t.name for t in proda.TERMS} | set(proda.DIAGNOSTICS),
+        "plots/distill_1/train.csv": {t.name for t in distill.TERMS},
+    }
+    for csv, names in declared.items():
+        drawn = _plot_columns(csv)
+        assert drawn, f"dvc.yaml draws nothing from {csv}"
+        assert drawn <= names | own, f"{csv}: dvc.yaml draws undeclared columns {sorted(drawn - names - own)}"

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import stage, stage_argv, tiny_params, workspace, write_params
 
 from pipeline.data.datasets import index_seed
-from pipeline.engine.distributed import DistInfo
+from pipeline.distributed import DistInfo
 from pipeline.engine.loop import EpochBatchSampler, Stream
+from tests.tiny import stage, stage_argv, tiny_params, workspace, write_params
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ITERS = 40  # long enough that the kill lands well before the end; a step is ~50 ms on one CPU core
@@ -184,6 +184,7 @@ def killed(data_ws, tmp_path_factory) -> tuple[Path, int, Path]:
     return root, it, saved
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(uninterrupted, killed):
     root, it, _ = killed
     assert not (root / LAST).exists(), "a killed run must not leave final model files"
@@ -212,6 +213,7 @@ def single_equiv(data_ws, killed, tmp_path_factory) -> tuple[Path, str]:
     return root, stage("warmup", root, env=ENV).stdout
 
 
+@pytest.mark.slow
 def test_resume_state_for_other_params_is_ignored(single_equiv):
     root, stdout = single_equiv
     assert "ignoring resume state for other inputs" in stdout, stdout
@@ -224,6 +226,7 @@ def test_resume_state_for_other_params_is_ignored(single_equiv):
 
 
 # ------------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_and_only_rank0_writes(data_ws, single_equiv, tmp_path):
     single, _ = single_equiv
     # Each rank runs in its own copy of the workspace, so a write by rank 1 would show up in r1/.
@@ -247,6 +250,7 @@ def test_ddp_two_processes_match_one_process_and_only_rank0_writes(data_ws, sing
     assert diff < 1e-3
 
 
+@pytest.mark.slow
 def test_ddp_with_trainable_bn_resumes_after_sigkill(data_ws, tmp_path):
     """DDP with BatchNorm in training mode runs; its resume state (per-rank RNG) is loaded by a DDP rerun."""
     iters = 12
@@ -338,7 +342,7 @@ def test_stream_batches_do_not_depend_on_worker_processes(tmp_path: Path):
 
     from pipeline.config import parse_params
     from pipeline.data.datasets import Record, SegDataset
-    from pipeline.engine.training import TargetViews
+    from pipeline.methods.self_training import TargetViews
 
     rng = np.random.default_rng(0)
     records = []
@@ -387,7 +391,7 @@ def _x86_cpu_flags() -> set[str] | None:
 
 
 def test_amp_autocasts_to_bf16_only_where_the_cpu_runs_it_natively() -> None:
-    from pipeline.engine.distributed import bf16_native
+    from pipeline.distributed import bf16_native
     from pipeline.engine.loop import autocast
 
     cpu = torch.device("cpu")

@@ -180,6 +180,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             pass
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_make_prefect_starts_a_detached_server_with_analytics_off(tmp_path: Path) -> None:
     """`make prefect`'s command returns once the server answers, leaves it running in its own session, and
@@ -203,6 +204,7 @@ def test_make_prefect_starts_a_detached_server_with_analytics_off(tmp_path: Path
         os.killpg(pid, signal.SIGTERM)
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_path: Path) -> None:
     url = server["url"]
@@ -236,6 +238,7 @@ def test_server_mode_records_flow_tasks_artifacts_and_logs(server: dict, tmp_pat
     assert poll(printed_lines), "print() inside a step did not reach the Prefect logs"
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_server_mode_failing_step_marks_flow_failed(server: dict, tmp_path: Path) -> None:
     url = server["url"]
@@ -251,6 +254,7 @@ def test_server_mode_failing_step_marks_flow_failed(server: dict, tmp_path: Path
     assert [t["name"].rsplit("-", 1)[0] for t in failed] == ["boom"]
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_cancel_after_the_work_is_done_completes(server: dict, tmp_path: Path) -> None:
     """Prefect keeps a Cancelling run Cancelling when its flow returns; a stage that finished is Completed."""
@@ -262,6 +266,7 @@ def test_cancel_after_the_work_is_done_completes(server: dict, tmp_path: Path) -
     assert run["state_type"] == "COMPLETED" and "after the stage had finished" in run["state"]["message"]
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_server_available_finds_live_server(server: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
@@ -339,7 +344,7 @@ def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_stage_order_is_topological(dvc_repo: Path) -> None:
-    from pipeline.orchestrate import stage_order
+    from pipeline.orchestration.dag import stage_order
 
     assert stage_order(dvc_repo) == ["a", "b", "c@x"]
 
@@ -357,8 +362,9 @@ def failing_stage_repo(root: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_repro_stage_failure_names_stage_and_tail(tmp_path: Path) -> None:
-    from pipeline.orchestrate import StageFailed, repro_stage
+    from pipeline.orchestration.dag import StageFailed, repro_stage
 
     failing_stage_repo(tmp_path)
     with pytest.raises(StageFailed) as err:
@@ -367,18 +373,19 @@ def test_repro_stage_failure_names_stage_and_tail(tmp_path: Path) -> None:
 
 
 def test_orchestrate_without_server_explains(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from pipeline.orchestrate import main
+    from pipeline.orchestration.dag import main
 
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
     assert main(["run"]) == 2
     assert "prefect server start" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(server: dict, dvc_repo: Path) -> None:
     url = server["url"]
     env = clean_env(server["home"], PREFECT_API_URL=url)
-    cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(dvc_repo)]
+    cmd = [sys.executable, "-m", "pipeline.orchestration.dag", "run", "--repo", str(dvc_repo)]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -424,10 +431,11 @@ def test_pipeline_flow_links_subflows_marks_skipped_and_keeps_logs_readable(serv
     assert sorted(t["name"] for t in skipped) == ["a", "b", "c@x"]
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_pipeline_flow_failure_is_one_line_and_a_failed_run(server: dict, tmp_path: Path) -> None:
     failing_stage_repo(tmp_path)
-    cmd = [sys.executable, "-m", "pipeline.orchestrate", "run", "--repo", str(tmp_path)]
+    cmd = [sys.executable, "-m", "pipeline.orchestration.dag", "run", "--repo", str(tmp_path)]
     env = clean_env(server["home"], PREFECT_API_URL=server["url"])
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
@@ -443,7 +451,7 @@ EVALUATE_SCRIPT = """
 import sys
 from pathlib import Path
 from pipeline.engine.context import Context
-from pipeline.engine.distributed import init_distributed
+from pipeline.distributed import init_distributed
 from pipeline.orchestration.flows import StageRun
 from stages.evaluate import publish_report
 
@@ -456,6 +464,7 @@ run.run(lambda _run: publish_report(ctx, metrics, Path("report.md")))
 """
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_evaluate_publishes_its_table_and_report(server: dict, tmp_path: Path) -> None:
     (tmp_path / "evaluate_stage.py").write_text(EVALUATE_SCRIPT)
@@ -507,6 +516,7 @@ def logs_of(url: str, flow_run_id: str) -> list[str]:
     return [entry["message"] for entry in logs]
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_training_reports_live_cancel_keeps_resume_state_and_rerun_resumes(server: dict, stage_ws: Path) -> None:
     import re
@@ -577,6 +587,7 @@ def test_training_reports_live_cancel_keeps_resume_state_and_rerun_resumes(serve
     assert "run.commit" in table and "run.flow_run" in table and "miou" in table
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_bad_params_are_a_failed_flow_run_with_the_message(server: dict, stage_ws: Path) -> None:
     from tests.tiny import stage_argv, tiny_params, write_params
@@ -599,6 +610,7 @@ def test_bad_params_are_a_failed_flow_run_with_the_message(server: dict, stage_w
     assert params["evaluate"] == {"batch_size": 4} and params["warmup"]["optim"]["lr"] == -1
 
 
+@pytest.mark.slow
 @needs_prefect
 def test_nan_loss_is_one_line_and_one_traceback_on_request(server: dict, stage_ws: Path, tmp_path: Path) -> None:
     from tests.tiny import stage_argv, tiny_params, write_params
@@ -621,6 +633,7 @@ def test_nan_loss_is_one_line_and_one_traceback_on_request(server: dict, stage_w
     assert res.returncode == 1 and (res.stdout + res.stderr).count("Traceback") == 1, res.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_or_foreign_model_file_names_the_file(stage_ws: Path, tmp_path: Path) -> None:
     import argparse
 

@@ -14,7 +14,6 @@ from pipeline.maths.losses import (
     kd_kl,
     lsgan_d_loss,
     lsgan_g_loss,
-    masked_ce_hard,
     pixel_cross_entropy,
     structure_kl,
     symmetric_ce,
@@ -204,19 +203,10 @@ def test_kd_kl_hand_value_mean_over_classes() -> None:
     assert kd_kl(teacher, _pix(0.0, 0.0)).item() == pytest.approx(0.13081203594113697 / 2, rel=1e-5)
 
 
-# ---------------------------------------------------------------- LS-GAN and hard CE
+# ---------------------------------------------------------------- LS-GAN
 def test_lsgan_losses() -> None:
     # D: 0.5 * (mean (real - 1)^2 + mean fake^2) = 0.5 * (0.25 + 0.04) = 0.145; G: mean (fake - 1)^2 = 0.64.
     real, fake = torch.full((1, 1, 2, 2), 0.5), torch.full((1, 1, 2, 2), 0.2)
     assert lsgan_d_loss(real, fake).item() == pytest.approx(0.145, rel=1e-6)
     assert lsgan_g_loss(fake).item() == pytest.approx(0.64, rel=1e-6)
     assert lsgan_d_loss(torch.ones(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)).item() == 0.0
-
-
-def test_masked_ce_hard_uses_only_confident_pixels() -> None:
-    logits = torch.cat([_pix(0.0, math.log(3.0)), _pix(5.0, -5.0), _pix(1.0, 1.0)], dim=3)
-    target = torch.tensor([[[1, 1, 255]]])
-    conf = torch.tensor([[[0.96, 0.5, 0.99]]])
-    # Only pixel 0 is confident and labelled: -log(3/4).
-    assert masked_ce_hard(logits, target, conf, 0.95).item() == pytest.approx(-math.log(0.75), rel=1e-6)
-    assert masked_ce_hard(logits, target, conf, 1.0).item() == 0.0

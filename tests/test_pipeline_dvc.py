@@ -12,6 +12,8 @@ import yaml
 
 from tests.tiny import DVC, copy_workspace, run, write_params
 
+pytestmark = pytest.mark.slow  # `dvc repro` of the whole project
+
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
@@ -89,6 +91,10 @@ def test_param_change_reruns_stage_and_descendants_only(repo: Path) -> None:
         ("pipeline/report/render.py", {"evaluate"}),
         ("pipeline/data/synth.py", {"generate"}),
         ("pipeline/maths/losses.py", {"warmup", "oracle", "adapt", "distill@1"}),
+        # Monitoring and orchestration write no artifacts: no stage reruns (tests/test_dvc_deps.py, the rule).
+        ("pipeline/orchestration/flows.py", set()),
+        ("pipeline/orchestration/dag.py", set()),
+        ("pipeline/report/evaluation.py", {"evaluate"}),
     ],
 )
 def test_code_edit_marks_only_the_stages_that_import_it(repo: Path, module: str, stages: set[str]) -> None:

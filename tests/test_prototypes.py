@@ -16,8 +16,8 @@ from pipeline.maths.prototypes import (
     class_feature_sums,
     proto_logits,
     proto_weights,
-    rectify,
 )
+from pipeline.maths.selection import rectify
 
 # One pixel with feature f = (0, 0); prototypes eta_0 = (3, 4) (distance 5) and eta_1 = (0, 1) (distance 1).
 FEAT = torch.zeros(1, 2, 1, 1)
@@ -222,6 +222,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_updates_match_single_process(tmp_path: Path) -> None:
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

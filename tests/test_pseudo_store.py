@@ -101,7 +101,8 @@ def smooth_probs(n: int, k: int = 19, h: int = 32, w: int = 64, seed: int = 0) -
 
 
 def test_uint8_store_leaves_rectification_unchanged(tmp_path):
-    from pipeline.maths.prototypes import proto_logits, rectify
+    from pipeline.maths.prototypes import proto_logits
+    from pipeline.maths.selection import rectify
 
     n, k, h, w = 6, 19, 32, 64
     probs = smooth_probs(n, k, h, w)

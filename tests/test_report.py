@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_params
 
 from pipeline.config import ModelParams, Params, parse_params
 from pipeline.data.datasets import LabelMapper, scan, validate_and_count, write_manifest
 from pipeline.data.labels import class_names
+from pipeline.distributed import DistInfo
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, Data, new_model, save_model
-from pipeline.engine.distributed import DistInfo
 from pipeline.engine.loop import evaluate
 from pipeline.report import evaluation as report
 from pipeline.report import render, summary
 from pipeline.store.pseudo_store import PseudoLabelWriter
 from stages.evaluate import final_stage, pseudo_stores, stage_models
+from tests.tiny import tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = class_names(19)

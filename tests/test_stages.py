@@ -15,6 +15,8 @@ from pipeline.maths.prototypes import PrototypeBank
 from pipeline.store.pseudo_store import PseudoLabelStore, PseudoLabelWriter
 from tests.tiny import run, stage, tiny_params, workspace, write_params
 
+pytestmark = pytest.mark.slow  # every test runs the real stages (subprocesses)
+
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
@@ -133,8 +135,8 @@ def _clean_target_batches(root: Path, n: int) -> list[torch.Tensor]:
 
 def test_precise_bn_re_estimates_statistics_on_clean_target_images(ws: Path) -> None:
     from pipeline.data.labels import class_names
+    from pipeline.distributed import DistInfo
     from pipeline.engine.context import Context, read_model
-    from pipeline.engine.distributed import DistInfo
     from pipeline.models import batchnorms, estimate_bn_stats
 
     write_params(ws, tiny_params(**{"adapt.precise_bn": {"enabled": True, "max_images": 4}}))

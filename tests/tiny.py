@@ -1,4 +1,7 @@
-"""Tiny parameters and workspaces for running the real stages in seconds."""
+"""Tiny parameters and workspaces for running the real stages in seconds.
+
+The workspaces are bench/common.py's (tests may use the benchmarks' code; the benchmarks do not use tests/).
+"""
 
 from __future__ import annotations
 
@@ -13,10 +16,8 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DVC = [sys.executable, "-m", "dvc"]
-# DVC's per-repo site cache, inside each workspace (not the machine's site cache; not a git file).
-SITE_CACHE = ".dvc_site"
+# The tests import DVC, REPO, SITE_CACHE and write_params from here too.
+from bench.common import DVC, REPO, SITE_CACHE, copy_project, init_repo, write_params  # noqa: F401
 
 
 def _optim(iters: int, **kw: Any) -> dict:
@@ -115,29 +116,10 @@ def tiny_params(**overrides: Any) -> dict:
     return p
 
 
-def write_params(root: Path, params: dict) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
 def workspace(root: Path, params: dict | None = None, git_dvc: bool = False) -> Path:
-    """A copy of the project (code, dvc.yaml) with tiny params; optionally a git + DVC repo."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("pipeline", "stages"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    write_params(root, params or tiny_params())
-    if git_dvc:
-        run(["git", "init", "-q"], root)
-        run(["git", "config", "user.email", "t@t"], root)
-        run(["git", "config", "user.name", "t"], root)
-        run([*DVC, "init", "-q"], root)
-        run([*DVC, "config", "core.analytics", "false"], root)
-        # Keep DVC's per-repo state inside the temp dir instead of the machine's site cache.
-        run([*DVC, "config", "core.site_cache_dir", str(root / SITE_CACHE)], root)
-        (root / ".gitignore").write_text(f"{SITE_CACHE}/\n.resume/\n__pycache__/\n")
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-qm", "init"], root)
-    return root
+    """A copy of the project (code, dvc.yaml) with tiny params; optionally a committed git + DVC repo."""
+    copy_project(root, params or tiny_params())
+    return init_repo(root) if git_dvc else root
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -54,7 +54,7 @@ PHOTOMETRIC_OPS: tuple[str, ...] = (
     "Solarize",
 )
 GEOMETRIC_OPS: tuple[str, ...] = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
-# The FixMatch/ProDA RandAugment pool (REFERENCE.md, online prototypical rectification, step 6).
+# The FixMatch/ProDA RandAugment pool (the public ProDA code's strong augmentation).
 RANDAUG_OPS: tuple[str, ...] = (
     "AutoContrast",
     "Brightness",

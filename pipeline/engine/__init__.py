@@ -1,1 +1,2 @@
-"""The training engine every stage shares: stage context, the loop, checkpoints, DDP, training glue."""
+"""The engine every stage shares: the stage entry, context, the training loop, checkpoints, training glue, and
+the small monitor interface the orchestration layer implements."""

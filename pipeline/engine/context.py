@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +16,9 @@ import torch
 from pipeline.config import DataParams, ModelParams, Params, load_params
 from pipeline.data.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
 from pipeline.data.labels import class_names
+from pipeline.distributed import DistInfo, bf16_native, init_distributed
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.distributed import DistInfo, bf16_native, init_distributed
+from pipeline.engine.monitor import Monitor, Runner
 from pipeline.models import SegModel, build_model
 
 
@@ -33,8 +33,10 @@ class Context:
     seed: int
     info: DistInfo
     class_names: list[str]
-    # The stage's Prefect-or-plain run (pipeline.orchestration.flows.StageRun): `ctx.run.step(name, fn, ...)`.
-    run: Any = None
+    # The stage's run (injected by the stage entry: the Prefect flow or a plain run): `ctx.step(name, fn, ...)`.
+    run: Runner | None = None
+    # What the training loop reports to (the run's monitor; quiet by default).
+    monitor: Monitor = field(default_factory=Monitor)
     channels_last: bool = False  # base.channels_last: NHWC weights/activations (faster oneDNN/cuDNN convs)
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:

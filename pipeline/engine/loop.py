@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from pipeline.config import OptimParams
 from pipeline.data.datasets import index_seed
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, bf16_native, unwrap
 from pipeline.engine import checkpoint as ckpt
-from pipeline.engine.distributed import DistInfo, all_reduce_sum, barrier, bf16_native, unwrap
+from pipeline.engine.monitor import Monitor, StageCancelled
 from pipeline.maths.metrics import ConfusionMatrix, class_argmax
-from pipeline.orchestration.flows import Monitor, StageCancelled, monitor
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -141,7 +141,7 @@ def build_optimizer(groups: list[dict], p: OptimParams) -> torch.optim.Optimizer
     for g in groups:
         g.setdefault("base_lr", g["lr"])
     # Fused kernels (CPU and CUDA): one pass over all parameters instead of a Python loop of small ops per
-    # tensor; measured 1.4 vs 7.4 ms per Adam step on the default model on CPU, the same update rule.
+    # tensor (several times faster on CPU at the default's size), the same update rule.
     if p.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay, fused=True)
     return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay, fused=True)
@@ -242,6 +242,108 @@ class CurveWriter:
             w.writerow({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
 
 
+@dataclass
+class _Progress:
+    """Where a run stands: the iteration to start from, the best evaluation so far and the evaluation history."""
+
+    start: int = 0
+    best: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def _resume(
+    task: Task, streams: dict[str, Stream], info: DistInfo, path: Path, fingerprint: str, name: str
+) -> _Progress:
+    """Loads the resume state at ``path`` into the task and streams when it was written for these inputs."""
+    if not path.is_file():
+        return _Progress()
+    st = ckpt.load(path)
+    if st.get("fingerprint") != fingerprint or st.get("world_size") != info.world_size:
+        if info.is_main:
+            print(f"[{name}] ignoring resume state for other inputs: {path}", flush=True)
+        return _Progress()
+    for k, m in task.modules().items():
+        unwrap(m).load_state_dict(st["modules"][k])
+    for k, o in task.optimizers().items():
+        o.load_state_dict(st["optimizers"][k])
+    for k, e in task.extras().items():
+        e.load_state_dict(st["extras"][k])
+    for k, s in streams.items():
+        s.load_state_dict(st["streams"][k])
+    ckpt.set_rng_state(st["rng"][info.rank] if isinstance(st["rng"], list) else st["rng"])
+    if info.is_main:
+        print(f"[{name}] resuming from iteration {st['iteration']} ({path})", flush=True)
+    return _Progress(st["iteration"], st.get("best"), st.get("history", []))
+
+
+def _accumulate(
+    task: Task, streams: dict[str, Stream], p: OptimParams, info: DistInfo, it: int
+) -> tuple[dict[str, torch.Tensor | float], torch.Tensor, int]:
+    """Forward and backward of ``p.accum_steps`` batches: the averaged log terms (``loss`` included), whether a
+    loss was non-finite (a device tensor: no host sync), and the number of images seen."""
+    logs_acc: dict[str, torch.Tensor | float] = {}
+    bad: torch.Tensor | None = None
+    images = 0
+    for _ in range(p.accum_steps):
+        batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
+        with autocast(info.device, p.amp):
+            loss, logs = task.loss(batch, it)
+        now_bad = ~torch.isfinite(loss.detach())
+        bad = now_bad if bad is None else bad | now_bad
+        (loss / p.accum_steps).backward()
+        for k, v in {**logs, "loss": loss.detach()}.items():
+            logs_acc[k] = logs_acc.get(k, 0.0) + v / p.accum_steps
+        images += sum(b["image"].shape[0] for b in batch.values())
+    return logs_acc, bad, images
+
+
+class _Reports:
+    """Rank 0's view of the run: progress bar, monitor and the CSV curves ``dvc plots`` reads."""
+
+    def __init__(
+        self, name: str, p: OptimParams, info: DistInfo, monitor: Monitor, curves: Path, terms: list[str], start: int
+    ) -> None:
+        self.total, self.main, self.monitor = p.iters, info.is_main, monitor
+        main = info.is_main
+        self.train = CurveWriter(curves / "train.csv", [*terms, "loss", "lr"], start) if main else None
+        self.evals = CurveWriter(curves / "eval.csv", ["miou"], start) if main else None
+        self.bar = tqdm(total=p.iters, initial=start, desc=name, disable=not main, dynamic_ncols=True)
+        self.images, self.t_last = 0, time.time()
+        monitor.start(name, p.iters, start)
+
+    def step(self, step: int, logs: dict[str, float] | None, lr: float) -> None:
+        """One finished step; ``logs`` (host floats) at a log interval, None otherwise."""
+        if not self.main:
+            return
+        self.bar.update(1)
+        if logs is None:
+            return
+        dt = max(time.time() - self.t_last, 1e-9)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()} | {"img/s": f"{self.images / dt:.1f}"})
+        self.monitor.train_log(step, self.total, {**logs, "lr": lr, "img/s": self.images / dt})
+        self.images, self.t_last = 0, time.time()
+        self.train.write(step, {**logs, "lr": lr})
+
+    def evaluation(self, step: int, metrics: dict) -> None:
+        if self.main:
+            self.monitor.eval_log(step, self.total, metrics)
+            self.evals.write(step, {"miou": metrics["miou"]})
+
+    def close(self, step: int) -> None:
+        self.bar.close()
+        self.monitor.finish(step, self.total)
+
+
+def _check_finite(name: str, bad: bool, logs: dict, it: int, start: int, step: int, check_every: int) -> None:
+    if not bad:
+        return
+    terms = {k: round(float(v), 4) for k, v in logs.items()}
+    when = f"at iteration {it}"
+    if check_every > 1:
+        when += f" (non-finite first between iterations {max(start, step - check_every)} and {it})"
+    raise FloatingPointError(f"[{name}] loss is {float(logs['loss'])} {when}: {terms}")
+
+
 def fit(
     task: Task,
     streams: dict[str, Stream],
@@ -256,72 +358,37 @@ def fit(
     loss_names: list[str],
     export: Callable[[str, nn.Module, dict | None], None],
     finalize: Callable[[nn.Module], None] | None = None,
+    monitor: Monitor | None = None,
 ) -> FitResult:
     """Runs `p.iters` optimiser steps of `task`; writes model files via `export("last"|"best", model, metrics)`.
 
     `finalize`, if given, runs on the model after the last step, before its final evaluation and export.
-
+    `monitor` receives progress, log lines and evaluations, and may ask the run to stop (a cancel).
     `fingerprint` identifies the run's inputs: resume state written for other inputs is discarded.
     """
     t0 = time.time()
     state_path = resume_dir / "state.pt"
-    start, best_metrics, history = 0, None, []
-    if state_path.is_file():
-        st = ckpt.load(state_path)
-        if st.get("fingerprint") == fingerprint and st.get("world_size") == info.world_size:
-            for k, m in task.modules().items():
-                unwrap(m).load_state_dict(st["modules"][k])
-            for k, o in task.optimizers().items():
-                o.load_state_dict(st["optimizers"][k])
-            for k, e in task.extras().items():
-                e.load_state_dict(st["extras"][k])
-            for k, s in streams.items():
-                s.load_state_dict(st["streams"][k])
-            ckpt.set_rng_state(st["rng"][info.rank] if isinstance(st["rng"], list) else st["rng"])
-            start, best_metrics, history = st["iteration"], st.get("best"), st.get("history", [])
-            if info.is_main:
-                print(f"[{name}] resuming from iteration {start} ({state_path})", flush=True)
-        elif info.is_main:
-            print(f"[{name}] ignoring resume state for other inputs: {state_path}", flush=True)
-    curves = CurveWriter(curves_dir / "train.csv", [*loss_names, "loss", "lr"], start) if info.is_main else None
-    evals = CurveWriter(curves_dir / "eval.csv", ["miou"], start) if info.is_main else None
-
-    modules = task.modules()
-    for m in modules.values():
+    run = _resume(task, streams, info, state_path, fingerprint, name)
+    mon = monitor or Monitor()
+    reports = _Reports(name, p, info, mon, curves_dir, loss_names, run.start)
+    for m in task.modules().values():
         m.train()
-    model = modules["model"]
-    bar = tqdm(total=p.iters, initial=start, desc=name, disable=not info.is_main, dynamic_ncols=True)
-    # Live reporting to the stage's Prefect flow run (a no-op without a server, and on ranks other than 0).
-    mon = monitor()
-    mon.start(name, p.iters, start)
-    img_count, t_last = 0, time.time()
+    model = task.modules()["model"]
     logs_sum: dict[str, float] = {}
     # Losses and log terms stay on the device between log intervals: no host sync per step on a GPU. A
     # non-finite loss is therefore caught at the next log interval (every step on the CPU, where it is free).
     check_every = 1 if info.device.type == "cpu" else p.log_every
     first_bad: torch.Tensor | None = None
-    for it in range(start, p.iters):
+    for it in range(run.start, p.iters):
         for o in task.optimizers().values():
             apply_poly(o, it, p.iters, p.poly_power)
-        logs_acc: dict[str, torch.Tensor | float] = {}
-        for _ in range(p.accum_steps):
-            batch = {k: to_device(s.next(), info.device) for k, s in streams.items()}
-            with autocast(info.device, p.amp):
-                loss, logs = task.loss(batch, it)
-            bad = ~torch.isfinite(loss.detach())
-            first_bad = bad if first_bad is None else first_bad | bad
-            (loss / p.accum_steps).backward()
-            for k, v in {**logs, "loss": loss.detach()}.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + v / p.accum_steps
-            img_count += sum(b["image"].shape[0] for b in batch.values())
+        logs_acc, bad, images = _accumulate(task, streams, p, info, it)
+        reports.images += images
+        first_bad = bad if first_bad is None else first_bad | bad
         step = it + 1
         log_now = step % p.log_every == 0 or step == p.iters
-        if (step % check_every == 0 or log_now) and bool(first_bad):
-            terms = {k: round(float(v), 4) for k, v in logs_acc.items()}
-            when = f"at iteration {it}"
-            if check_every > 1:
-                when += f" (non-finite first between iterations {max(start, step - check_every)} and {it})"
-            raise FloatingPointError(f"[{name}] loss is {float(logs_acc['loss'])} {when}: {terms}")
+        if step % check_every == 0 or log_now:
+            _check_finite(name, bool(first_bad), logs_acc, it, run.start, step, check_every)
         if log_now:
             logs_sum = {k: float(v) for k, v in logs_acc.items()}  # the one host sync of a log interval
         for o in task.optimizers().values():
@@ -329,52 +396,41 @@ def fit(
             o.zero_grad(set_to_none=True)
         task.after_step(it)
         first_lr = next(iter(task.optimizers().values())).param_groups[0]["lr"]
-        if info.is_main:
-            bar.update(1)
-            if log_now:
-                dt = max(time.time() - t_last, 1e-9)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in logs_sum.items()} | {"img/s": f"{img_count / dt:.1f}"})
-                mon.train_log(step, p.iters, {**logs_sum, "lr": first_lr, "img/s": img_count / dt})
-                img_count, t_last = 0, time.time()
-                curves.write(step, {**logs_sum, "lr": first_lr})
+        reports.step(step, logs_sum if log_now else None, first_lr)
         if evaluator is not None and p.eval_every and step % p.eval_every == 0 and step < p.iters:
             metrics = evaluator(unwrap(model))
-            history.append({"step": step, "miou": metrics["miou"]})
-            if info.is_main:
-                mon.eval_log(step, p.iters, metrics)
-                evals.write(step, {"miou": metrics["miou"]})
-                if best_metrics is None or metrics["miou"] > best_metrics["miou"]:
-                    best_metrics = {**metrics, "step": step}
-                    export("best", unwrap(model), best_metrics)
+            run.history.append({"step": step, "miou": metrics["miou"]})
+            reports.evaluation(step, metrics)
+            if info.is_main and (run.best is None or metrics["miou"] > run.best["miou"]):
+                run.best = {**metrics, "step": step}
+                export("best", unwrap(model), run.best)
         saved = step % p.ckpt_every == 0 and step < p.iters
         if saved:
-            _save_state(task, streams, info, state_path, fingerprint, step, best_metrics, history)
+            _save_state(task, streams, info, state_path, fingerprint, step, run.best, run.history)
         if step < p.iters and _stop_requested(mon, info):
-            # Cancelled from Prefect: keep the work done so far as resume state, then stop (non-zero exit).
+            # Cancelled: keep the work done so far as resume state, then stop (non-zero exit).
             if not saved:
-                _save_state(task, streams, info, state_path, fingerprint, step, best_metrics, history)
-            bar.close()
-            mon.finish(step, p.iters)
+                _save_state(task, streams, info, state_path, fingerprint, step, run.best, run.history)
+            reports.close(step)
             raise StageCancelled(f"[{name}] cancelled at iteration {step}/{p.iters}; resume state kept in {state_path}")
-    bar.close()
+    reports.bar.close()
     if finalize is not None:
         finalize(unwrap(model))
     final = evaluator(unwrap(model)) if evaluator is not None else {}
     if info.is_main:
         if final:
-            mon.eval_log(p.iters, p.iters, final)
-            history.append({"step": p.iters, "miou": final["miou"]})
-            evals.write(p.iters, {"miou": final["miou"]})
-        if best_metrics is None or (final and final["miou"] >= best_metrics["miou"]):
-            best_metrics = {**final, "step": p.iters} if final else None
-            export("best", unwrap(model), best_metrics)
+            reports.evaluation(p.iters, final)
+            run.history.append({"step": p.iters, "miou": final["miou"]})
+        if run.best is None or (final and final["miou"] >= run.best["miou"]):
+            run.best = {**final, "step": p.iters} if final else None
+            export("best", unwrap(model), run.best)
         export("last", unwrap(model), final)
     mon.finish(p.iters, p.iters)
     barrier()
     if info.is_main and resume_dir.exists():
         shutil.rmtree(resume_dir)  # finished: resume state would only be stale from now on
     return FitResult(
-        final, best_metrics, history, time.time() - t0, start, {k: round(v, 6) for k, v in logs_sum.items()}
+        final, run.best, run.history, time.time() - t0, run.start, {k: round(v, 6) for k, v in logs_sum.items()}
     )
 
 

@@ -8,20 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from pipeline.config import ModelParams, OptimParams, PreciseBNParams, StrongParams, ViewParams
-from pipeline.data.views import StrongViewConfig, WeakViewConfig, make_strong_view, make_weak_view
+from pipeline.data.views import StrongViewConfig, WeakViewConfig, make_weak_view
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, save_model
 from pipeline.engine.loop import FitResult, Stream, Task, evaluate, fit
+from pipeline.engine.terms import Losses, Term
 from pipeline.files import write_json
 from pipeline.maths.losses import cross_entropy
 from pipeline.maths.metrics import write_per_class_csv
 from pipeline.models import estimate_bn_stats, source_bn_frozen
-from pipeline.store.pseudo_store import PseudoLabelStore
 
 
 def weak_config(v: ViewParams) -> WeakViewConfig:
@@ -53,58 +52,27 @@ class WeakTransform:
         return out
 
 
-class TargetViews:
-    """Target sample of the self-training stages: the full image, a weak view, a strong view on the weak one,
-    and the image's stored pseudo labels (``soft`` if stored, ``pl_label``, ``pl_conf``), read by id."""
-
-    def __init__(self, view: ViewParams, strong: StrongParams, store_path: str | Path | None) -> None:
-        self.weak = weak_config(view)
-        self.strong = strong_config(strong)
-        self.store = PseudoLabelStore(store_path) if store_path is not None else None
-
-    def __call__(self, sample: dict, gen: torch.Generator) -> dict:
-        weak = make_weak_view(sample["image"], None, self.weak, gen)
-        strong = make_strong_view(weak, self.strong, gen)
-        out = {
-            "index": sample["index"],
-            "full": sample["image"],
-            "weak_image": weak.image,
-            "weak_coords": weak.coords,
-            "weak_valid": weak.valid,
-            "image": strong.image,
-            "coords": strong.coords,
-            "coords_in_weak": strong.coords_in_weak,
-            "valid": strong.valid,
-        }
-        if self.store is not None:
-            rec = self.store.get(sample["id"])  # aligned by id, never by position
-            if "soft" in rec:
-                out["soft"] = torch.from_numpy(rec["soft"])
-            out["pl_label"] = torch.from_numpy(rec["label"].astype(np.int64))
-            out["pl_conf"] = torch.from_numpy(rec["conf"])
-        return out
-
-
 def target_size(crop: torch.Size | tuple[int, int], scale: float) -> tuple[int, int]:
     """Size at which target-side terms are computed: `scale` of the crop (the paper: 1/4 of 896x512)."""
     return (max(1, round(crop[0] * scale)), max(1, round(crop[1] * scale)))
 
 
-def source_forward(
-    net: nn.Module, src: dict, source_ce, target_bn: bool
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Source CE from its own forward (BatchNorm statistics of one domain per forward, as the public code).
+#: The source term every adapting stage shares (``<section>.source_ce: {enabled, weight}``).
+SOURCE_CE = Term("source_ce", "cross-entropy on a weak view of the labelled source, in a forward of its own")
+
+
+def source_forward(net: nn.Module, src: dict, losses: Losses, target_bn: bool) -> None:
+    """Adds the source CE to ``losses`` from its own forward (BatchNorm statistics of one domain per forward,
+    as the public code); nothing when the params switch it off.
 
     With `target_bn`, the source batch is normalised with its own statistics but does not move the running
     ones, which then follow the target only (what evaluation and inference use).
-    Returns the weighted term (an exact 0 when `source_ce.enabled` is false) and its log entry.
     """
-    if not source_ce.enabled:
-        return torch.zeros(()), {}
+    if not losses.on(SOURCE_CE):
+        return
     with source_bn_frozen(net, target_bn):
         logits, _ = net(src["image"])
-    ce = cross_entropy(logits, src["label"])
-    return source_ce.weight * ce, {"src_ce": ce.detach()}
+    losses.add(SOURCE_CE, cross_entropy(logits, src["label"]))
 
 
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
@@ -216,6 +184,7 @@ def run_training(
         loss_names=loss_names,
         export=export,
         finalize=finalize,
+        monitor=ctx.monitor,
     )
     clean = lambda d: {k: v for k, v in (d or {}).items() if not k.startswith("_")}  # noqa: E731
     final = clean(res.final_metrics)

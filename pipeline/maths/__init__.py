@@ -1,1 +1,2 @@
-"""The method's formulas (losses, prototypes, metrics): torch only, no files, no parameters objects."""
+"""The methods' formulas: losses, prototypes, pseudo-label selection, metrics (torch and numpy, no params
+objects). Two classes also read and write their own files: the prototype bank and the per-class IoU CSV."""

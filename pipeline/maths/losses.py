@@ -32,7 +32,6 @@ __all__ = [
     "kd_kl",
     "lsgan_d_loss",
     "lsgan_g_loss",
-    "masked_ce_hard",
     "SOURCE_LABEL",
     "TARGET_LABEL",
 ]
@@ -77,11 +76,11 @@ class _PixelCE(torch.autograd.Function):
     """Per-pixel cross entropy of bilinearly resized logits, with a hand-written backward.
 
     ``F.cross_entropy`` on the resized map allocates and touches several full-size ``[B, K, H, W]`` tensors
-    (resized logits, log-probabilities, the NLL's zero-filled gradient, the log-softmax gradient): at the
-    default source batch (4x19x96x192) forward + backward took 4.8 ms, the network's whole forward 10. Here
-    the resized logits are the only full-size buffer: overwritten in place by ``exp(u - max)``, kept for the
-    backward, and overwritten there by the gradient ``(softmax - onehot) * grad``, which goes through the
-    resize's adjoint. So a second backward through the same graph (retain_graph) is refused.
+    (resized logits, log-probabilities, the NLL's zero-filled gradient, the log-softmax gradient), which at the
+    default's sizes costs about half a network forward. Here the resized logits are the only full-size buffer:
+    overwritten in place by ``exp(u - max)``, kept for the backward, and overwritten there by the gradient
+    ``(softmax - onehot) * grad``, which goes through the resize's adjoint. So a second backward through the
+    same graph (retain_graph) is refused.
     """
 
     @staticmethod
@@ -245,22 +244,3 @@ def lsgan_g_loss(d_out_fake_as_real: Tensor) -> Tensor:
     """LS-GAN adversarial loss of the segmentation net: ``MSE(D(target), SOURCE_LABEL)`` (weight outside)."""
     out = d_out_fake_as_real.float()
     return F.mse_loss(out, torch.full_like(out, SOURCE_LABEL))
-
-
-def masked_ce_hard(
-    logits: Tensor,
-    target: Tensor,
-    conf: Tensor,
-    threshold: float,
-    ignore_index: int = IGNORE_INDEX,
-) -> Tensor:
-    """Cross entropy on hard pseudo labels, only where the teacher's confidence ``conf >= threshold``.
-
-    ``conf`` has the target's shape ``[B, H, W]``; pixels below the threshold (and ``ignore_index`` pixels)
-    are excluded from the mean. The threshold is the consumer's (the recipe keeps confidence > 0.95).
-    """
-    if conf.shape != target.shape:
-        raise ValueError(f"conf {tuple(conf.shape)} must have the target's shape {tuple(target.shape)}")
-    target = target.long()
-    target = torch.where(conf.float() >= threshold, target, torch.full_like(target, ignore_index))
-    return cross_entropy(logits, target, ignore_index=ignore_index)

@@ -1,4 +1,5 @@
-"""Class prototypes of ProDA: distances, weights, label rectification, initialisation and EMA updates.
+"""Class prototypes of ProDA: distances, weights, initialisation and EMA updates (the rectification of pseudo
+labels by prototype weights is a selection rule: :mod:`pipeline.maths.selection`).
 
 Features are the 256-d head features before the last 1x1 conv, ``[B, D, h, w]``; prototypes are ``[K, D]``.
 All arithmetic is float32 with autocast disabled, because distances of 256-d features in float16 lose most
@@ -17,13 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.data.ignore import IGNORE_INDEX
-from pipeline.engine.distributed import is_dist
+from pipeline.distributed import is_dist
 from pipeline.files import atomic_path
 
 __all__ = [
     "proto_logits",
     "proto_weights",
-    "rectify",
     "class_feature_sums",
     "PrototypeBank",
     "PrototypeAccumulator",
@@ -71,41 +71,6 @@ def proto_logits(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: T
 def proto_weights(feat: Tensor, protos: Tensor, tau: float = 1.0, valid_protos: Tensor | None = None) -> Tensor:
     """Prototype weights ``omega = softmax_k(-||f - eta_k|| / tau)``, ``[B, K, h, w]`` (float32)."""
     return F.softmax(proto_logits(feat, protos, tau, valid_protos), dim=1)
-
-
-def rectify(
-    soft_pseudo: Tensor,
-    weights: Tensor,
-    conf_threshold: float = 0.0,
-    ignore_index: int = IGNORE_INDEX,
-    valid: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Online prototypical rectification: ``y_hat = argmax_k(omega_k * p0_k)``.
-
-    ``soft_pseudo`` is the fixed stage-1a soft label ``p0`` and ``weights`` the prototype weights ``omega``,
-    both ``[B, K, h, w]`` in the same geometry. Returns ``(labels [B, h, w] long, rectified [B, K, h, w])``
-    where ``rectified = omega * p0 / sum_k(omega * p0)``. A pixel becomes ``ignore_index`` when
-
-    * its rectified max probability is below ``conf_threshold`` (0 keeps every pixel, as in the paper),
-    * ``valid`` (bool, broadcastable to ``[B, h, w]``) is False there (padding, outside the crop), or
-    * ``sum_k(omega * p0) == 0``: no class is supported by both (e.g. all-zero padded soft labels); its
-      rectified distribution is then all zeros.
-    """
-    if soft_pseudo.shape != weights.shape or soft_pseudo.dim() != 4:
-        raise ValueError(
-            f"soft_pseudo {tuple(soft_pseudo.shape)} and weights {tuple(weights.shape)} must be equal [B,K,h,w] shapes"
-        )
-    with _no_autocast(soft_pseudo.device):
-        prod = weights.float() * soft_pseudo.float()
-        total = prod.sum(dim=1, keepdim=True)
-        rectified = prod / total.clamp_min(torch.finfo(torch.float32).tiny)
-        conf, labels = rectified.max(dim=1)
-        keep = (total.squeeze(1) > 0) & (conf >= conf_threshold)
-        if valid is not None:
-            b, _, h, w = prod.shape
-            keep &= torch.broadcast_to(valid.to(device=keep.device, dtype=torch.bool), (b, h, w))
-        labels = torch.where(keep, labels, torch.full_like(labels, ignore_index))
-    return labels, rectified
 
 
 def class_feature_sums(
@@ -190,14 +155,6 @@ class PrototypeBank(nn.Module):
     @property
     def feat_dim(self) -> int:
         return self.protos.shape[1]
-
-    def logits(self, feat: Tensor, tau: float = 1.0) -> Tensor:
-        """``proto_logits`` against this bank (uninitialised prototypes masked out)."""
-        return proto_logits(feat, self.protos, tau, self.initialized)
-
-    def weights(self, feat: Tensor, tau: float = 1.0) -> Tensor:
-        """``proto_weights`` (omega) against this bank."""
-        return proto_weights(feat, self.protos, tau, self.initialized)
 
     def save(self, path: str | os.PathLike[str], class_names: Sequence[str]) -> None:
         """Write ``{protos, initialized, class_names, feat_dim}`` with ``torch.save`` (atomically)."""

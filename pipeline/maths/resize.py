@@ -3,9 +3,8 @@
 ``resize_bilinear(x, size)`` equals ``F.interpolate(x.float(), size, mode="bilinear", align_corners=False)``
 (to float32 rounding): bilinear interpolation is separable, ``out = A_h @ x @ A_w^T`` with fixed interpolation
 matrices holding two weights per row. Its backward is two matrix products as well, where the CPU kernel of
-``upsample_bilinear2d_backward`` is a serial scatter: for the default's source logits (4x19x12x24 -> the 96x192
-label, bf16 NHWC) forward + backward took 1.0 ms instead of 4.0 ms on a 2-core AVX512 VM; at the paper size
-(64x112 -> 512x896) 124 vs 131 ms. Evaluation upsamples without gradient and to much larger sizes, where the dense
+``upsample_bilinear2d_backward`` is a serial scatter: several times slower at the default's sizes, about even at
+the paper's (bench/bench_adapt_cost.py). Evaluation upsamples without gradient and to much larger sizes, where the dense
 products would cost more than the kernel: it keeps ``F.interpolate``.
 """
 

@@ -17,8 +17,9 @@ from pipeline.data.labels import IGNORE_INDEX as IGNORE
 from pipeline.data.views import downsample_valid, warp_to_view
 from pipeline.engine.context import Context, Data, model_params, model_params_of, new_model, read_model
 from pipeline.engine.loop import build_optimizer
+from pipeline.engine.terms import Losses, Term, active
 from pipeline.engine.training import (
-    TargetViews,
+    SOURCE_CE,
     TrainOutputs,
     WeakTransform,
     make_evaluator,
@@ -30,10 +31,17 @@ from pipeline.engine.training import (
     wrap_ddp,
 )
 from pipeline.files import sha256_file
-from pipeline.maths.losses import kd_kl, masked_ce_hard
+from pipeline.maths.losses import cross_entropy, kd_kl
 from pipeline.maths.resize import resize_bilinear
+from pipeline.maths.selection import ConfidenceThreshold
+from pipeline.methods.self_training import TargetViews
 from pipeline.models import load_backbone_weights, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
+
+# The loss terms of a KD round.
+HARD_CE = Term("hard_ce", "CE on the teacher's labels kept by the confidence threshold (strong view)", always=True)
+KD = Term("kd", "KL(p_teacher || p_student) on the teacher's soft map", weight_key="kd_beta")
+TERMS = (SOURCE_CE, HARD_CE, KD)
 
 
 class DistillTask:
@@ -57,11 +65,12 @@ class DistillTask:
 
     @staticmethod
     def loss_names(p: DistillParams) -> list[str]:
-        return (["src_ce"] if p.source_ce.enabled else []) + ["hard_ce", "kd"]
+        return active(TERMS, p)
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, src, tgt = self.p, batch["source"], batch["target"]
-        total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
+        losses = Losses(p)
+        source_forward(self.net, src, losses, p.target_bn)
         out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
         s_logits = resize_bilinear(self.net(tgt["image"])[0], out_size)
         with torch.no_grad():
@@ -78,15 +87,11 @@ class DistillTask:
                 t_soft = None
                 label = warp_to_view(tgt["pl_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)
                 conf = warp_to_view(tgt["pl_conf"].float(), tgt["coords"], out_size, mode="nearest")
-            label = torch.where(valid, label, torch.full_like(label, IGNORE))
-        hard = masked_ce_hard(s_logits, label, conf, p.conf_threshold, IGNORE)
-        total = total + hard
-        logs["hard_ce"] = hard.detach()
-        if t_soft is not None and p.kd_beta > 0:
-            kd = kd_kl(t_soft, s_logits, valid)
-            total = total + p.kd_beta * kd
-            logs["kd"] = kd.detach()
-        return total, logs
+            label = ConfidenceThreshold(p.conf_threshold, IGNORE).apply(label, conf, valid)
+        losses.add(HARD_CE, cross_entropy(s_logits, label, IGNORE))
+        if t_soft is not None and losses.on(KD):
+            losses.add(KD, kd_kl(t_soft, s_logits, valid))
+        return losses.total, losses.logs
 
 
 def student(ctx: Context, p: DistillParams, teacher_path: Path) -> tuple[nn.Module, ModelParams]:

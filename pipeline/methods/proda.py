@@ -1,6 +1,6 @@
 """ProDA stage 1: online prototypical pseudo-label rectification + target structure learning.
 
-Per step (REFERENCE.md, "Online prototypical rectification"; forwards as in the public stage 1):
+Per step (the paper, Sec. 3.2-3.3; forwards as in the public stage 1, github.com/microsoft/ProDA):
 - source: CE on a weak view, in a forward of its own (BatchNorm never mixes the domains);
 - target: one student forward over the weak view x_t and its strong view T(x_t) (target-only statistics);
 - the EMA model sees the full un-augmented image; its features and the FIXED soft pseudo labels p0 (from the
@@ -28,8 +28,9 @@ from pipeline.data.views import coords_at, downsample_valid, warp_to_view
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, model_params, read_model
 from pipeline.engine.loop import autocast, build_optimizer, collate
+from pipeline.engine.terms import Losses, Term, active
 from pipeline.engine.training import (
-    TargetViews,
+    SOURCE_CE,
     TrainOutputs,
     WeakTransform,
     make_evaluator,
@@ -43,11 +44,22 @@ from pipeline.engine.training import (
 from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, entropy_regulariser, structure_kl, symmetric_ce
 from pipeline.maths.metrics import class_argmax
-from pipeline.maths.prototypes import PrototypeBank, proto_logits, rectify
+from pipeline.maths.prototypes import PrototypeBank, proto_logits
 from pipeline.maths.resize import resize_bilinear
+from pipeline.maths.selection import PrototypeRectification
+from pipeline.methods.self_training import TargetViews
 from pipeline.models import ModelEMA, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import QualityAccumulator
+
+# The loss terms of stage 1, each named as its params switch (``adapt.<name>: {enabled, weight}``).
+TARGET_CE = Term("target_ce", "(symmetric) CE of the weak-view prediction on the rectified pseudo labels (Eq. 3)")
+STRUCTURE_KL = Term("structure_kl", "KL between the EMA's and the student's prototype assignments (Eq. 6)")
+REGULARISER = Term("regulariser", "-mean log p of the weak-view prediction (Eq. 7)")
+TERMS = (SOURCE_CE, TARGET_CE, STRUCTURE_KL, REGULARISER)
+#: Logged beside the terms: the share of target pixels whose label the rectification changed.
+RECT_CHANGED = "rect_changed"
+DIAGNOSTICS = (RECT_CHANGED,)
 
 
 class ProDATask:
@@ -72,15 +84,15 @@ class ProDATask:
 
     @staticmethod
     def loss_names(p: AdaptParams) -> list[str]:
-        names = ["src_ce"] if p.source_ce.enabled else []
-        names += ["tgt_sce", "kl", "reg", "rect_changed"]
-        return names
+        """The curve columns: the terms the params switch on, then the diagnostics."""
+        return [*active(TERMS, p), *DIAGNOSTICS]
 
     def loss(self, batch: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # record_function scopes name the parts of the step for bench_adapt_cost's profile (free otherwise).
         p, src, tgt = self.p, batch["source"], batch["target"]
         with record_function("stage1/source_forward_ce"):
-            total, logs = source_forward(self.net, src, p.source_ce, p.target_bn)
+            losses = Losses(p)
+            source_forward(self.net, src, losses, p.target_bn)
         n = tgt["weak_image"].shape[0]
         out_size = target_size(tgt["image"].shape[-2:], p.target_scale)
         with record_function("stage1/target_forward"):
@@ -105,29 +117,24 @@ class ProDATask:
             both = torch.cat([weak_at, coords_at(tgt["coords"], out_size)], dim=-1)
             e_proto = proto_logits(warp_to_view(f_full, both), protos, p.tau, ok)
             omega = torch.softmax(e_proto[..., :w], dim=1) if p.rectify else torch.ones_like(p0)
-            target, _ = rectify(p0, omega, p.conf_threshold, IGNORE, w_valid)
+            target, _ = PrototypeRectification(omega, p.conf_threshold, IGNORE).select(p0, w_valid)
             raw = class_argmax(p0)
-            logs["rect_changed"] = ((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1)
+            losses.log(RECT_CHANGED, ((raw != target) & w_valid).float().sum() / w_valid.sum().clamp(min=1))
             z_t = e_proto[..., w:]
             # Prototype update input: the EMA's full-image features with its own argmax (as the public code).
             self._proto_batch = (f_full, class_argmax(e_logits))
 
         with record_function("stage1/target_losses"):
-            if p.sce.enabled:
-                t_loss = symmetric_ce(w_logits, target, p.sce_alpha, p.sce_beta, IGNORE)
-            else:
-                t_loss = cross_entropy(w_logits, target, IGNORE)
-            total = total + p.sce.weight * t_loss
-            logs["tgt_sce"] = t_loss.detach()
-            if p.structure_kl.enabled:
-                kl = structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid)
-                total = total + p.structure_kl.weight * kl
-                logs["kl"] = kl.detach()
-            if p.regulariser.enabled:
-                reg = entropy_regulariser(w_logits, w_valid)
-                total = total + p.regulariser.weight * reg
-                logs["reg"] = reg.detach()
-        return total, logs
+            if losses.on(TARGET_CE):
+                if p.target_ce.symmetric:
+                    losses.add(TARGET_CE, symmetric_ce(w_logits, target, p.sce_alpha, p.sce_beta, IGNORE))
+                else:
+                    losses.add(TARGET_CE, cross_entropy(w_logits, target, IGNORE))
+            if losses.on(STRUCTURE_KL):
+                losses.add(STRUCTURE_KL, structure_kl(z_t, proto_logits(s_feat, protos, p.tau, ok), s_valid))
+            if losses.on(REGULARISER):
+                losses.add(REGULARISER, entropy_regulariser(w_logits, w_valid))
+        return losses.total, losses.logs
 
     def after_step(self, it: int) -> None:
         with record_function("stage1/ema_update"):
@@ -158,7 +165,7 @@ def rectified_quality(ctx: Context, data: Data, task: ProDATask, store_path: Pat
             feat = ema(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
         soft = torch.stack([torch.from_numpy(store.get(i)["soft"]) for i in batch["id"]]).to(feat.device)
         omega = torch.softmax(proto_logits(feat, task.bank.protos, task.p.tau, task.bank.initialized), dim=1)
-        lab, prob = rectify(soft, omega, 0.0, IGNORE)
+        lab, prob = PrototypeRectification(omega, 0.0, IGNORE).rectified(soft)
         for j in range(len(samples)):
             gt = batch["label"][j].numpy()
             conf, raw = soft[j].max(0)  # one reduction for the raw label and its confidence

@@ -17,10 +17,11 @@ from torch.func import functional_call
 
 from pipeline.config import AdversarialParams, ModelParams, OptimParams, OracleParams, WarmupParams
 from pipeline.data.datasets import DatasetError
+from pipeline.distributed import DistInfo, unwrap
 from pipeline.engine import checkpoint as ckpt
 from pipeline.engine.context import Context, Data, new_model, read_model
-from pipeline.engine.distributed import DistInfo, unwrap
 from pipeline.engine.loop import build_optimizer, evaluate
+from pipeline.engine.terms import Term
 from pipeline.engine.training import (
     TrainOutputs,
     WeakTransform,
@@ -35,6 +36,11 @@ from pipeline.files import sha256_file, write_json
 from pipeline.maths.losses import cross_entropy, lsgan_d_loss, lsgan_g_loss
 from pipeline.maths.resize import resize_bilinear
 from pipeline.models import Discriminator, estimate_bn_stats, param_groups
+
+# The loss terms of the supervised stages (the adversarial pair only with ``warmup.adversarial.enabled``).
+CE = Term("ce", "cross-entropy on the labelled images", always=True)
+ADV_G = Term("adv_g", "LS-GAN term pushing target predictions to look like source ones", always=True)
+ADV_D = Term("adv_d", "the discriminator's LS-GAN loss (moves the discriminator only)", always=True)
 
 
 class SupervisedTask:
@@ -81,7 +87,7 @@ class SupervisedTask:
         if self.adv is None:
             logits, _ = self.net(src["image"])
             ce = cross_entropy(logits, src["label"])
-            return ce, {"ce": ce.detach()}
+            return ce, {CE.name: ce.detach()}
         tgt = batch["target"]
         n = src["image"].shape[0]
         # One forward over both domains: a single DDP forward per step, and shared BN statistics.
@@ -97,7 +103,7 @@ class SupervisedTask:
         d_out = self.disc(probs.detach())
         d_loss = lsgan_d_loss(d_out[:n], d_out[n:])
         total = ce + self.adv.weight * g_adv + d_loss
-        return total, {"ce": ce.detach(), "adv_g": g_adv.detach(), "adv_d": d_loss.detach()}
+        return total, {CE.name: ce.detach(), ADV_G.name: g_adv.detach(), ADV_D.name: d_loss.detach()}
 
 
 def train_supervised(
@@ -118,10 +124,10 @@ def train_supervised(
     task = SupervisedTask(model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx))
     tf = WeakTransform(sec.view)
     streams = {"labeled": stream(ctx, data, labeled, True, tf, sec.optim.batch_size, salt=0)}
-    names = ["ce"]
+    terms = [CE]
     if task.adv is not None:
         streams["target"] = stream(ctx, data, "target_train", False, tf, sec.optim.batch_size, salt=1)
-        names += ["adv_g", "adv_d"]
+        terms += [ADV_G, ADV_D]
     inputs = [sha256_file(data.manifest(n)) for n in (labeled, "target_train", "target_val")]
     return run_training(
         ctx,
@@ -131,7 +137,7 @@ def train_supervised(
         mp,
         evaluator=make_evaluator(ctx, data, eval_batch),
         out=out,
-        loss_names=names,
+        loss_names=[t.name for t in terms],
         section=sec.model_dump(mode="json"),
         inputs=inputs,
     )

@@ -1,7 +1,9 @@
 """Run a pipeline stage as a Prefect flow when a Prefect server answers, as plain Python when none does.
 
-Stage modules do not use it directly: ``pipeline.orchestration.stage.run_stage`` builds one per stage process and
-``Context.step`` forwards to it. What it does, on its own::
+Each stage module passes :meth:`StageRun.for_stage` to ``pipeline.engine.stage.run_stage``, which builds one per
+stage process; the engine only knows the small interfaces of ``pipeline.engine.monitor``. Nothing here receives
+an output path or writes an artifact, so this module is no code dependency of any stage: editing it reruns
+nothing (``tests/test_dvc_deps.py``). What it does, on its own::
 
     from pipeline.orchestration.flows import StageRun
 
@@ -24,20 +26,19 @@ Modes, decided once per process by :func:`server_available`:
   ``dvc-stage``, ``stage:<name>`` (and ``exp:<name>``), whose parameters are the ``params`` given (the stage's
   own sections). Each ``step`` is a task run (``cache_policy=NO_CACHE``: DVC decides what is stale, Prefect's
   argument hashing would return stale results for changed files), ``print`` goes to the Prefect logs
-  (``log_prints=True``), metrics become table artifacts. During training the loop reports through
-  :func:`monitor` (a :class:`LiveMonitor`): loss lines at the log interval, each evaluation, a progress
-  artifact, and a cancel check (flow run set to Cancelling -> :class:`StageCancelled` at the next step
-  boundary -> a Cancelled flow run). Overhead (``bench/bench_prefect_overhead.py``, 2-core VM): ~1.9 s CPU
-  per stage process, 2.3-3 s wall under load; most of it is ``import prefect``.
+  (``log_prints=True``), metrics become table artifacts. During training the loop reports through the run's
+  ``monitor`` (a :class:`LiveMonitor`): loss lines at the log interval, each evaluation, a progress artifact,
+  and a cancel check (flow run set to Cancelling -> ``StageCancelled`` at the next step boundary -> a
+  Cancelled flow run). ``bench/bench_prefect_overhead.py`` measures what this costs per stage process.
 * **no-server mode** (nothing configured, nothing answering, ``PIPELINE_PREFECT=0``, or a torchrun rank
-  other than 0): Prefect is never imported (the import alone costs 1.2-2.5 s, and a flow without a server
-  would start a temporary server, 13-23 s). ``main`` and the steps are called directly; metrics are only
-  logged; the monitor does nothing. Overhead ~0.1 s.
+  other than 0): Prefect is never imported (the import is slow, and a flow without a server would start a
+  temporary server). ``main`` and the steps are called directly; metrics are only logged; the monitor does
+  nothing.
 
 Limits: a server that goes away in the middle of a stage makes Prefect's client calls fail, which fails the
 stage (the monitor's own requests never do). A SIGKILLed stage leaves its flow run "Running" (heartbeats are
-off: they cost ~1 s per stage). ``sys.exit`` inside ``main`` shows as "Crashed" rather than "Failed": exit after
-``run`` returns or raises.
+off: the flow would wait for the heartbeat thread at exit). ``sys.exit`` inside ``main`` shows as "Crashed"
+rather than "Failed": exit after ``run`` returns or raises.
 Only the environment and the profile file are read for the API URL, not ``prefect.toml`` or ``.env``.
 """
 
@@ -57,13 +58,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.engine.monitor import Monitor, PlainRun, StageCancelled, flatten, fmt
+
 T = TypeVar("T")
 
 #: Set to 0/false/off to run every stage without Prefect even when a server answers.
 DISABLE_ENV = "PIPELINE_PREFECT"
-#: Set (to anything) to see one traceback of a failing stage; without it a failure is one line.
-TRACEBACK_ENV = "PIPELINE_TRACEBACK"
-#: Id of the task run this stage's flow run belongs to as a subflow (set by ``pipeline.orchestrate``).
+#: Id of the task run this stage's flow run belongs to as a subflow (set by ``pipeline.orchestration.dag``).
 PARENT_ENV = "PIPELINE_PARENT_TASK_RUN"
 
 # Prefect rejects these characters in flow and task names.
@@ -140,21 +141,6 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "stage"
 
 
-def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 _prefect: Any = None  # namespace of the Prefect objects we use, imported once on first need
 
 
@@ -195,8 +181,8 @@ def _import_prefect(api_url: str | None) -> Any:
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "false")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    # Building Prefect's pydantic models creates ~10^6 objects; cyclic GC passes during the import cost
-    # ~0.15 s, and the final collection of that graph at interpreter exit ~0.4 s. Skip both.
+    # Building Prefect's pydantic models creates about 10^6 objects: skip the cyclic GC passes during the
+    # import and the final collection of that graph at interpreter exit.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -229,7 +215,7 @@ def _import_prefect(api_url: str | None) -> Any:
         create_table_artifact=create_table_artifact,
         create_markdown_artifact=create_markdown_artifact,
         create_progress_artifact=create_progress_artifact,
-        # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit (~1 s per stage); heartbeats
+        # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit ; heartbeats
         # only feed Prefect's optional zombie-run automation. The environment cannot set it to null.
         no_heartbeats=lambda: temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     )
@@ -239,50 +225,12 @@ def _import_prefect(api_url: str | None) -> Any:
 # ------------------------------------------------------------------------------------------ live training
 
 
-class StageCancelled(Exception):
-    """The stage's flow run was cancelled (from the UI or the API); raised at a training step boundary after the
-    resume state was written, so a rerun continues from there."""
-
-
-class Monitor:
-    """What the training loop reports while it runs; this base class is the no-server version and does nothing.
-
-    The loop calls :func:`monitor` once per ``fit`` and then these methods; none of them costs anything
-    measurable per step (``stop_requested`` is a clock read between polls).
-    """
-
-    def start(self, name: str, total: int, initial: int) -> None:
-        """Training of ``total`` iterations starts (or resumes) at iteration ``initial``."""
-
-    def train_log(self, step: int, total: int, values: Mapping[str, float]) -> None:
-        """Losses, learning rate and throughput at a log interval (``optim.log_every``)."""
-
-    def eval_log(self, step: int, total: int, metrics: Mapping[str, Any]) -> None:
-        """A periodic evaluation's metrics."""
-
-    def stop_requested(self) -> bool:
-        """Whether the run was cancelled; the loop stops at the step boundary where this turns true."""
-        return False
-
-    def finish(self, step: int, total: int) -> None:
-        """Training ended (normally, or stopped at ``step``)."""
-
-
-_NO_MONITOR = Monitor()
-_active_monitor: Monitor = _NO_MONITOR
-
-
-def monitor() -> Monitor:
-    """The running stage's monitor: live reporting to its Prefect flow run in server mode, a no-op otherwise."""
-    return _active_monitor
-
-
 class LiveMonitor(Monitor):
     """Reports a training stage to its Prefect flow run as it trains.
 
-    Log lines go through Prefect's run logger (sent to the server in the background every ~2 s). The progress
+    Log lines go through Prefect's run logger (sent to the server in the background). The progress
     artifact and the cancel check are one small HTTP request each, made from the training thread at most every
-    ``POLL_SECONDS`` (~10 ms per poll: < 1% of a step-bound loop, nothing per step).
+    ``POLL_SECONDS`` (nothing per step).
     """
 
     POLL_SECONDS = 2.0
@@ -328,12 +276,12 @@ class LiveMonitor(Monitor):
 
     def train_log(self, step: int, total: int, values: Mapping[str, float]) -> None:
         self.progress = 100.0 * step / max(total, 1)
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        parts = " ".join(f"{k}={fmt(v)}" for k, v in values.items())
         self._say(f"[{self.name}] step {step}/{total} {parts}")
 
     def eval_log(self, step: int, total: int, metrics: Mapping[str, Any]) -> None:
         shown = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.startswith("_")}
-        parts = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+        parts = " ".join(f"{k}={fmt(v)}" for k, v in shown.items())
         self._say(f"[{self.name}] eval at step {step}/{total}: {parts}")
 
     def stop_requested(self) -> bool:
@@ -373,8 +321,45 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-class StageRun:
-    """One execution of a pipeline stage; a Prefect flow run when a server answers.
+def declared_params(stage: str, params_path: str | Path) -> dict[str, Any]:
+    """The params sections dvc.yaml declares for ``stage`` (``distill@1`` -> the ``distill`` entry), with their
+    values as written in the params file, nested by top-level section (``evaluate.batch_size`` ->
+    ``{"evaluate": {"batch_size": 4}}``). These are the flow run's parameters: what an experiment changed.
+
+    Read raw, not validated: a bad value must still show (the validation error fails the flow run). Without a
+    dvc.yaml beside the params file (a stage run by hand elsewhere) every section is shown.
+    """
+    import yaml
+
+    params_path = Path(params_path)
+    try:
+        values = yaml.safe_load(params_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(values, dict):
+        return {}
+    try:
+        spec = yaml.safe_load((params_path.parent / "dvc.yaml").read_text())["stages"][stage.split("@")[0]]
+        keys = (spec["do"] if "foreach" in spec else spec)["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return values
+    out: dict[str, Any] = {}
+    for key in keys:
+        if not isinstance(key, str):  # {other_file: [keys]}: not this params file
+            continue
+        node: Any = values
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        target = out
+        *parents, last = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[last] = node
+    return out
+
+
+class StageRun(PlainRun):
+    """One execution of a pipeline stage; a Prefect flow run when a server answers, a plain run otherwise.
 
     ``name`` is the stage's name (the Prefect flow name: all runs of a stage group under it); the flow run is
     named ``<DVC stage> · <experiment or commit>``. ``params`` become the flow run's parameters: pass the
@@ -383,11 +368,10 @@ class StageRun:
     """
 
     def __init__(self, name: str, params: Mapping[str, Any] | None = None) -> None:
-        self.name = name
+        super().__init__(name, git_commit())
         self.params = dict(params or {})
         self.api_url = server_available()
         self.flow_run_id: str | None = None
-        self.commit = git_commit()
         # DVC sets DVC_STAGE (its addressing, e.g. "distill@1") in every stage command, DVC_EXP_NAME under
         # `dvc exp run`: name runs after them so the UI lists them as DVC does.
         stage = os.environ.get("DVC_STAGE") or name
@@ -397,6 +381,12 @@ class StageRun:
         self._headers: dict[str, str] = {}
         if self.api_url:  # the same settings server_available read
             self._headers = _auth_headers(_active_profile() if not os.environ.get("PREFECT_API_URL") else {})
+
+    @classmethod
+    def for_stage(cls, stage: str, params_path: Path) -> StageRun:
+        """The run of DVC stage ``stage`` (``distill@1``: flow ``distill``), its parameters the sections dvc.yaml
+        declares for it: what ``pipeline.engine.stage.run_stage`` takes as its ``runner``."""
+        return cls(stage.split("@")[0], params=declared_params(stage, params_path))
 
     @property
     def server_mode(self) -> bool:
@@ -411,7 +401,7 @@ class StageRun:
 
     def info(self) -> dict[str, str]:
         """What metrics files record about this run: the git commit and, in server mode, the flow run id."""
-        out = {"commit": self.commit or "unknown"}
+        out = super().info()
         if self.flow_run_id:
             out["flow_run"] = self.flow_run_id
         return out
@@ -420,10 +410,9 @@ class StageRun:
         """Call ``main(self)``, inside a Prefect flow run in server mode; return its result.
 
         An exception from ``main`` marks the flow run Failed (``StageCancelled``: Cancelled) and is re-raised
-        after the flow run has ended. ``PIPELINE_PARENT_TASK_RUN`` (set by ``pipeline.orchestrate``) makes the
+        after the flow run has ended. ``PIPELINE_PARENT_TASK_RUN`` (set by ``pipeline.orchestration.dag``) makes the
         flow run a subflow of that task run.
         """
-        global _active_monitor
         if not self.server_mode:
             return main(self)
         pf = _import_prefect(self.api_url)
@@ -458,12 +447,12 @@ class StageRun:
                 parent_task_run_id=os.environ.get(PARENT_ENV) or None,
             )
         self.flow_run_id = str(flow_run.id)
-        _active_monitor = LiveMonitor(self)
+        self.monitor = LiveMonitor(self)
         try:
             with pf.no_heartbeats():
                 state = pf.run_flow_sync(wrapped, flow_run=flow_run, return_type="state")
         finally:
-            _active_monitor = _NO_MONITOR
+            self.monitor = Monitor()
         if "error" in outcome:
             raise outcome["error"]
         if state.name == "Cancelling":
@@ -478,10 +467,7 @@ class StageRun:
     def step(self, name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` as step ``name``, a task run in server mode; return its result."""
         if not self.server_mode:
-            start = time.perf_counter()
-            result = fn(*args, **kwargs)
-            print(f"[{self.name}] step {name} done in {time.perf_counter() - start:.1f} s", flush=True)
-            return result
+            return super().step(name, fn, *args, **kwargs)
         pf = _import_prefect(self.api_url)
         raised: list[BaseException] = []
 
@@ -513,10 +499,9 @@ class StageRun:
 
         Nested dicts are flattened to ``outer/inner`` keys.
         """
-        flat = _flatten(metrics)
-        print(f"[{self.name}] {name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in flat.items()), flush=True)
+        super().publish_metrics(name, metrics)
         if self.server_mode:
-            self._artifact(name, flat, f"{name} metrics of stage {self.run_name}")
+            self._artifact(name, flatten(metrics), f"{name} metrics of stage {self.run_name}")
 
     def publish_table(self, name: str, rows: list[dict[str, Any]], description: str) -> None:
         """A table artifact ``<stage>-<name>`` (rows of column -> value) in server mode; nothing otherwise."""
@@ -533,7 +518,7 @@ class StageRun:
     def _artifact(self, name: str, values: Mapping[str, Any], description: str) -> None:
         rows = [
             {"name": k, "value": v if isinstance(v, int | float | str | bool | None) else str(v)}
-            for k, v in _flatten(values).items()
+            for k, v in flatten(values).items()
         ]
         self.publish_table(name, rows, description)
 

@@ -24,7 +24,7 @@ from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, Data, load_model
 from pipeline.engine.loop import evaluate, predict_logits
 from pipeline.maths.metrics import ConfusionMatrix, class_argmax
-from pipeline.store.inference import gt_loader
+from pipeline.methods.pseudo_labels import gt_loader
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import evaluate_store_quality
 

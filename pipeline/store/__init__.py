@@ -1,1 +1,1 @@
-"""Pseudo-label stores (zarr), their quality against ground truth, and the offline inference that fills them."""
+"""Pseudo-label stores (the zarr reader and writer) and their quality against ground truth."""

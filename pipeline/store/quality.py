@@ -7,9 +7,7 @@ unlabeled target does not, and then the stage simply skips the report).
 Definitions (all over pixels whose ground truth is not ``ignore_index``):
 
 - a pixel is *kept* when ``conf >= threshold`` and its pseudo label is not ``ignore_index``; a confidence
-  strictly below the threshold drops it (:func:`keep_mask`; training should use the same rule). The paper
-  keeps ``conf > 0.95``: confidences are stored as float16 and 0.95 (like 0.8, 0.9, 0.99) is not a float16
-  value, so ``>=`` and ``>`` select exactly the same pixels for such thresholds.
+  strictly below the threshold drops it: :func:`pipeline.maths.selection.keep_mask`, the rule training uses.
 - ``coverage`` = kept pixels / valid ground-truth pixels.
 - ``pixel_acc``, ``miou`` and ``per_class_iou`` compare kept pseudo labels with the ground truth on kept
   pixels only: they describe the labels training will actually see; dropped pixels show up in ``coverage``.
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from pipeline.data.ignore import IGNORE_INDEX
 from pipeline.files import write_csv, write_json
 from pipeline.maths.metrics import ConfusionMatrix
+from pipeline.maths.selection import keep_mask
 from pipeline.store.pseudo_store import PseudoLabelStore
 
 logger = logging.getLogger(__name__)
@@ -41,11 +40,6 @@ logger = logging.getLogger(__name__)
 
 def _pct(x: float) -> float | None:
     return None if not np.isfinite(x) else round(100.0 * float(x), 4)
-
-
-def keep_mask(conf: np.ndarray | torch.Tensor, threshold: float) -> np.ndarray | torch.Tensor:
-    """Pixels whose confidence passes ``threshold``: ``conf >= threshold`` (strictly below is dropped)."""
-    return conf >= threshold
 
 
 class QualityAccumulator:

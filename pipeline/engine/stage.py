@@ -1,4 +1,9 @@
-"""Entry point shared by every stage module: set-up, Prefect flow wrapping, and clean error exits."""
+"""Entry point shared by every stage module: set-up, the run (injected by the stage module), clean error exits.
+
+The stage module passes the runner factory (the Prefect flow wrapper, ``pipeline.orchestration.flows``): this
+module and everything it imports are code dependencies of every stage; the runner is not, because it receives
+no output paths and writes no artifacts (``tests/test_dvc_deps.py`` states and checks that rule).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,14 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import Params, ParamsError
 from pipeline.data.datasets import DatasetError
+from pipeline.distributed import cleanup
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, setup
-from pipeline.engine.distributed import cleanup
+from pipeline.engine.monitor import TRACEBACK_ENV, PlainRun, Runner, StageCancelled
 from pipeline.files import write_json
-from pipeline.orchestration.flows import TRACEBACK_ENV, StageCancelled, StageRun
 
 # Errors that describe bad input: their message names the file or key, so it is shown without the type.
 USER_ERRORS = (ParamsError, DatasetError, CheckpointError, FileNotFoundError, ValueError)
@@ -35,43 +39,6 @@ def stage_parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: %(default)s)")
     return ap
-
-
-def declared_params(stage: str, params_path: str | Path) -> dict[str, Any]:
-    """The params sections dvc.yaml declares for ``stage`` (``distill@1`` -> the ``distill`` entry), with their
-    values as written in the params file, nested by top-level section (``evaluate.batch_size`` ->
-    ``{"evaluate": {"batch_size": 4}}``). These are the flow run's parameters: what an experiment changed.
-
-    Read raw, not validated: a bad value must still show (the validation error fails the flow run). Without a
-    dvc.yaml beside the params file (a stage run by hand elsewhere) every section is shown.
-    """
-    import yaml
-
-    params_path = Path(params_path)
-    try:
-        values = yaml.safe_load(params_path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    if not isinstance(values, dict):
-        return {}
-    try:
-        spec = yaml.safe_load((params_path.parent / "dvc.yaml").read_text())["stages"][stage.split("@")[0]]
-        keys = (spec["do"] if "foreach" in spec else spec)["params"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return values
-    out: dict[str, Any] = {}
-    for key in keys:
-        if not isinstance(key, str):  # {other_file: [keys]}: not this params file
-            continue
-        node: Any = values
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        target = out
-        *parents, last = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = node
-    return out
 
 
 def stamp_metrics(paths: Iterable[str | Path], info: dict[str, str]) -> None:
@@ -97,22 +64,24 @@ def run_stage(
     main: Callable[[Context, Params], dict | None],
     params_path: str | Path = "params.yaml",
     metrics: Iterable[str | Path] = (),
+    runner: Callable[[str, Path], Runner] | None = None,
 ) -> None:
-    """Runs `main(ctx, params)` as the stage `name`: a Prefect flow when a server answers, plain Python otherwise.
+    """Runs `main(ctx, params)` as the stage `name` inside the run `runner(name, params_path)` makes (the stage
+    module passes the Prefect flow wrapper; without one the stage runs plain, printing its steps).
 
     `main` takes the sections it declares in dvc.yaml from `params` and hands the library explicit objects.
-    A dict returned by `main` is published as the stage's metrics (a Prefect artifact in server mode); the
-    metrics files in `metrics` get the run's commit and flow-run id under ``"run"``.
+    A dict returned by `main` is published as the stage's metrics; the metrics files in `metrics` get the
+    run's :meth:`Runner.info` (commit, flow-run id) under ``"run"``.
 
-    Everything, parameter validation included, happens inside the flow run, so any failure is a Failed flow
-    run. A failure prints one line (``PIPELINE_TRACEBACK=1``: one traceback) and exits 1; a cancel from
-    Prefect exits 130 with the resume state kept.
+    Everything, parameter validation included, happens inside the run, so any failure is a failed run. A
+    failure prints one line (``PIPELINE_TRACEBACK=1``: one traceback) and exits 1; a cancel exits 130 with the
+    resume state kept.
     """
-    run = StageRun(name.split("@")[0], params=declared_params(name, params_path))
+    run = runner(name, Path(params_path)) if runner is not None else PlainRun(name.split("@")[0])
 
-    def body(_run: StageRun) -> None:
+    def body(_run: Runner) -> None:
         ctx, params = setup(name, params_path)
-        ctx.run = run
+        ctx.run, ctx.monitor = run, run.monitor
         result = main(ctx, params)
         if result:
             ctx.publish("metrics", result)
@@ -123,7 +92,7 @@ def run_stage(
     try:
         run.run(body)
     except StageCancelled as err:
-        # Exit only after the flow has ended, so Prefect records it as Cancelled/Failed rather than Crashed.
+        # Exit only after the run has ended, so Prefect records it as Cancelled/Failed rather than Crashed.
         print(f"{err}; rerun the stage to resume", file=sys.stderr, flush=True)
         code = CANCELLED_EXIT
     except Exception as err:

@@ -63,14 +63,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    if not is_dist():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
@@ -87,8 +79,7 @@ def bf16_native(device_type: str) -> bool:
     """Whether bf16 runs on real kernels on this device type: CUDA with bf16 support, or a CPU for which oneDNN
     has bf16 kernels (AVX512 cores, fastest with AVX512-BF16/AMX; AVX2 with AVX-NE-CONVERT; ARM with BF16).
 
-    Elsewhere bf16 is emulated: on an AVX2-only CPU (AMD Zen 3) a bf16 2048² matmul took 57 s against 0.10 s
-    in fp32, and a default warm-up step 3.2 s against 0.35 s.
+    Elsewhere bf16 is emulated, many times slower than fp32 (bench/RESULTS.md has the figures).
     """
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

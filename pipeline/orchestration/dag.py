@@ -4,11 +4,11 @@ When to use which:
 
 * ``dvc repro`` (or ``dvc exp run``) is the everyday entry point. It needs no server; each stage still
   reports itself to Prefect as its own flow run when a server answers (see :mod:`pipeline.orchestration.flows`).
-* ``python -m pipeline.orchestrate run`` starts the pipeline from Prefect: one flow run with a task run per
+* ``python -m pipeline.orchestration.dag run`` starts the pipeline from Prefect: one flow run with a task run per
   stage (state, duration, one log line each); each stage's own flow run is a subflow of its task run (the task
   passes its id to the stage process in ``PIPELINE_PARENT_TASK_RUN``), and a stage DVC skips is a Completed
   task run named "Skipped".
-  ``python -m pipeline.orchestrate serve`` keeps a process serving that flow, so a run can be started (or
+  ``python -m pipeline.orchestration.dag serve`` keeps a process serving that flow, so a run can be started (or
   scheduled) from the Prefect UI.
 
 DVC's cache still decides what runs: a stage whose dependencies did not change is a quick no-op (~1 s for
@@ -33,9 +33,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.states import Completed, State
 
+from pipeline.engine.monitor import TRACEBACK_ENV
 from pipeline.orchestration.flows import (
     PARENT_ENV,
-    TRACEBACK_ENV,
     git_commit,
     hide_prefect_tracebacks,
     server_available,
@@ -183,7 +183,7 @@ def pipeline_flow(repo_root: str = ".", stages: list[str] | None = None, force: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.orchestrate", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.orchestration.dag", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the pipeline once as a Prefect flow run")
     run_p.add_argument("--stage", action="append", help="only this stage (repeatable; default: all)")
