@@ -62,6 +62,8 @@ def load_config(name: str, amp: bool, overrides: dict[str, Any] | None = None, p
     if name == "paper":
         raw = yaml.safe_load((REPO / "params" / "gta5_cityscapes.yaml").read_text())
         raw["model"]["pretrained"] = None  # random init: same cost, no weight file needed
+        for domain, stored in (("source", [1052, 1914]), ("target", [1024, 2048])):  # GTA5, Cityscapes as stored
+            raw["data"][domain]["resize"] = raw["data"][domain]["resize"] or stored
     else:
         raw = bench_params(Path(params))
     for key, value in (overrides or {}).items():

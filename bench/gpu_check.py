@@ -1,12 +1,15 @@
 """The GPU check: one prepared script for a lent GPU, under 8 minutes, figures for the README.
 
-1. Stage-1 cost with CUDA + bf16 autocast at the default and the paper config (DeepLab-v2 ResNet-101, 4 crops
-   of 512x896, EMA on 1024x2048 target images): seconds per step, images per second, peak allocated memory,
-   `overhead_ratio` (step / sum of its network passes), next to a supervised step (`bench_adapt_cost.py`'s
-   worker, one fresh process per row so peaks do not mix).
-2. A 2-process DDP step on one GPU with NCCL: the real `ProDATask` (DDP-wrapped student, prototype update
-   gathered across ranks), three steps, then the ranks' weights and prototypes are compared. NCCL refuses two
-   ranks on one device on most setups; the check then reports it as skipped, with NCCL's message.
+1. Stage-1 cost with CUDA + bf16 autocast at the default and the paper config (DeepLab-v2 ResNet-101, crops
+   of 512x896, EMA on 1024x2048 target images) at the preset's batch 4 and at batch 2 (what one of 2 processes
+   holds): seconds per step, images per second, peak allocated memory, `overhead_ratio` (step / sum of its
+   network passes), next to a supervised step (`bench_adapt_cost.py`'s worker, one fresh process per row so
+   peaks do not mix).
+2. DDP with NCCL, the real `ProDATask` (DDP-wrapped student, prototype update gathered across ranks), three
+   steps, then the ranks' weights and prototypes are compared: 2 processes on 2 GPUs with the paper config at
+   batch 2 per process, BatchNorm trained and synchronised (SyncBatchNorm, `base.sync_bn`), where 2 GPUs exist;
+   and 2 processes on one GPU with the default config (NCCL refuses two ranks on one device on most setups: then
+   reported as skipped, with NCCL's message).
 3. The pseudo-label writer: images/s of inference + `PseudoLabelWriter` (the stage's writer) vs inference
    alone, at the paper's image size (soft maps 19x128x256), random-init weights.
 
@@ -36,12 +39,14 @@ from common import parser, table, write_result
 def stage1(dry: bool, iters: int, params: Path) -> list[dict[str, Any]]:
     device = "cpu" if dry else "cuda"
     rows = []
-    for config in ["default"] if dry else ["default", "paper"]:
+    configs = [("default", {})] if dry else [("default", {}), ("paper", {}), ("paper", {"adapt.optim.batch_size": 2})]
+    for config, overrides in configs:
         for task in ("supervised", "proda"):
             spec = dict(config=config, params=str(params), task=task, amp=True, device=device, iters=iters)
+            spec["overrides"] = overrides
             spec["warmup"] = 1 if dry else 3
             print(f"stage 1: {spec}", flush=True)
-            r = run_worker(spec)
+            r = {**run_worker(spec), "overrides": overrides}
             if not r["oom"]:
                 r["images_per_s"] = sum(r["images_per_iter"].values()) / r["s_per_iter"]
             rows.append(r)
@@ -49,7 +54,7 @@ def stage1(dry: bool, iters: int, params: Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- 2. DDP
-def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str) -> None:
+def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str, config: str, per_gpu: bool) -> None:
     from pipeline.data.labels import class_names
     from pipeline.distributed import DistInfo
     from pipeline.engine.context import Context, new_model
@@ -59,16 +64,18 @@ def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str)
 
     result: dict[str, Any] = {"rank": rank}
     try:
-        device = torch.device("cpu" if dry else "cuda:0")  # both ranks on the one GPU
+        device = torch.device("cpu" if dry else f"cuda:{rank if per_gpu else 0}")  # one GPU per rank, or shared
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "gloo" if dry else "nccl"
         dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=2)
-        params = load_config("default", amp=True, params=params_file)
+        overrides = {"adapt.optim.batch_size": 2} if config == "paper" else {}  # per process
+        params = load_config(config, amp=True, overrides=overrides, params=params_file)
         torch.manual_seed(0)  # same initial weights on both ranks (DDP broadcasts rank 0's anyway)
         k = params.data.num_classes
-        model = new_model(params.model, k).to(device).train()
-        ctx = Context("adapt", 0, DistInfo(rank, 2, 0, device), class_names(k))
+        model = new_model(params.model, k).to(device).set_freeze_bn(params.adapt.freeze_bn).train()
+        info = DistInfo(rank, 2, device.index or 0, device)
+        ctx = Context("adapt", 0, info, class_names(k), sync_bn=params.base.sync_bn)
         bank = PrototypeBank(k, params.model.feat_dim)
         bank.protos.copy_(torch.randn(k, params.model.feat_dim))
         bank.initialized.fill_(True)
@@ -90,9 +97,14 @@ def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str)
         sums = torch.stack([sum(p.double().sum() for p in model.parameters()), task.bank.protos.double().sum()])
         gathered = [torch.zeros_like(sums) for _ in range(2)]
         dist.all_gather(gathered, sums.to(device))
+        images = sum(b["image"].shape[0] for b in (src, tgt)) * 2
         result.update(
+            config=config,
             backend=backend,
             s_per_step=sorted(times)[1],
+            images_per_s=images / sorted(times)[1],
+            sync_bn=any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
+            peak_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
             weights_equal=bool(torch.equal(gathered[0][0], gathered[1][0])),
             prototypes_equal=bool(torch.equal(gathered[0][1], gathered[1][1])),
         )
@@ -103,14 +115,16 @@ def _ddp_worker(rank: int, init: str, dry: bool, out_dir: str, params_file: str)
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-def ddp(dry: bool, params: Path) -> dict[str, Any]:
+def ddp(dry: bool, params: Path, config: str = "default", per_gpu: bool = False) -> dict[str, Any]:
     if not dry and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
+    if per_gpu and not dry and torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count()} GPU: the 2-GPU check needs 2"}
     with tempfile.TemporaryDirectory() as tmp:
-        print("DDP: 2 processes, one device", flush=True)
+        print(f"DDP: 2 processes, {'one device each' if per_gpu else 'one device'}, {config} config", flush=True)
         ctx = mp.start_processes(
             _ddp_worker,
-            args=(str(Path(tmp) / "init"), dry, tmp, str(params)),
+            args=(str(Path(tmp) / "init"), dry, tmp, str(params), config, per_gpu),
             nprocs=2,
             join=False,
             start_method="spawn",
@@ -125,7 +139,8 @@ def ddp(dry: bool, params: Path) -> dict[str, Any]:
     errors = [r["error"] for r in ranks if "error" in r]
     if errors or len(ranks) < 2:
         return {"skipped": f"two processes could not share the device: {errors[0] if errors else 'a rank died'}"}
-    return {k: ranks[0][k] for k in ("backend", "s_per_step", "weights_equal", "prototypes_equal")}
+    keys = ("config", "backend", "s_per_step", "images_per_s", "sync_bn", "peak_allocated_mb")
+    return {k: ranks[0][k] for k in (*keys, "weights_equal", "prototypes_equal")}
 
 
 # ---------------------------------------------------------------------------------------------- 3. writer
@@ -200,14 +215,15 @@ def main() -> None:
         )
     rows = stage1(dry, 1 if dry else args.iters, args.params)
     ddp_res = ddp(dry, args.params)
+    ddp_two = ddp(dry, args.params, "default" if dry else "paper", per_gpu=True)
     writer_res = writer(dry, 8 if dry else args.writer_images, args.params)
 
     def cells(r: dict) -> list[str]:
         if r["oom"]:
-            return [r["config"], r["task"], "OOM", "", "", ""]
+            return [_name(r), r["task"], "OOM", "", "", ""]
         peak = r.get("peak_allocated_mb", r.get("peak_rss_mb"))
         return [
-            r["config"],
+            _name(r),
             r["task"],
             f"{r['s_per_iter']:.3f}",
             f"{r['images_per_s']:.1f}",
@@ -218,13 +234,20 @@ def main() -> None:
     print("\nstage-1 and supervised steps, bf16 autocast; peak MiB: CUDA max allocated (CPU: process RSS)")
     print(table(["config", "task", "s/step", "img/s", "peak MiB", "overhead"], [cells(r) for r in rows]))
     print(f"\nDDP, 2 processes on one device: {ddp_res}")
+    print(f"DDP, 2 processes on 2 devices (SyncBatchNorm where BN trains on CUDA): {ddp_two}")
     print(
         f"writer: {writer_res['writer_images_per_s']:.1f} img/s vs pure inference "
         f"{writer_res['pure_inference_images_per_s']:.1f} img/s ({writer_res['writer_over_inference']:.2f}x)"
     )
     total = time.time() - t0
     print(f"total {total:.0f} s")
-    write_result(args.out, {**env, "stage1": rows, "ddp": ddp_res, "writer": writer_res, "seconds": total})
+    result = {**env, "stage1": rows, "ddp": ddp_res, "ddp_2gpu": ddp_two, "writer": writer_res, "seconds": total}
+    write_result(args.out, result)
+
+
+def _name(row: dict) -> str:
+    batch = (row.get("overrides") or {}).get("adapt.optim.batch_size")
+    return f"{row['config']} (batch {batch})" if batch else row["config"]
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ class ModelParams(Strict):
     dropout: Prob
     gn_groups: PosInt
     se_reduction: PosInt
-    freeze_bn: bool
+    # An extra BatchNorm on the backbone's output, before the head: the public SimCLR student's `bn_clr`.
+    bn_clr: bool
     # Local torchvision-format ResNet state dict; never downloaded. null = random init.
     pretrained: str | None
 
@@ -134,7 +135,11 @@ class ModelParams(Strict):
 # ------------------------------------------------------------------------------------------- training
 class ViewParams(Strict):
     crop: Size
-    # Random rescale factor range relative to the (resized) image.
+    # The width images are rescaled to (aspect kept) before the random scale: the public code's --resize 2200,
+    # so views are drawn from a larger image than inference reads. null: the random scale applies to the
+    # image as read (data.<domain>.resize).
+    base_width: PosInt | None
+    # Random rescale factor range relative to the (base_width-rescaled) image.
     scale_range: tuple[PosFloat, PosFloat]
     hflip_p: Prob
 
@@ -156,6 +161,9 @@ class StrongParams(Strict):
 
 class OptimParams(Strict):
     iters: PosInt
+    # Horizon of the poly schedule (null: iters). Larger than iters ends training above lr 0: the public run
+    # stops after 84 epochs (62,412 iterations) of a 90,000-iteration poly, at about 0.35x its base lr.
+    schedule_iters: PosInt | None
     batch_size: PosInt  # global batch (split over DDP ranks)
     accum_steps: PosInt
     optimizer: Literal["sgd", "adam"]
@@ -169,6 +177,12 @@ class OptimParams(Strict):
     ckpt_every: PosInt
     log_every: PosInt
 
+    @model_validator(mode="after")
+    def _horizon(self) -> OptimParams:
+        if self.schedule_iters is not None and self.schedule_iters < self.iters:
+            raise ValueError(f"schedule_iters: {self.schedule_iters} is below iters {self.iters} (lr would be 0)")
+        return self
+
 
 class AdversarialParams(Strict):
     enabled: bool
@@ -181,6 +195,7 @@ class AdversarialParams(Strict):
 class WarmupParams(Strict):
     optim: OptimParams
     view: ViewParams
+    freeze_bn: bool  # BatchNorm in eval mode with fixed affine params (the public warm-up's --freeze_bn)
     adversarial: AdversarialParams
     # After source training, re-estimate BatchNorm statistics on the unlabelled target train images (AdaBN);
     # the model as trained is kept as models/warmup/source_only.pt, the report's source-only row.
@@ -192,6 +207,7 @@ class OracleParams(Strict):
     enabled: bool
     optim: OptimParams
     view: ViewParams
+    freeze_bn: bool  # as warmup.freeze_bn
 
 
 class PseudoLabelParams(Strict):
@@ -228,7 +244,11 @@ class AdaptParams(Strict):
     optim: OptimParams
     view: ViewParams
     strong: StrongParams
+    freeze_bn: bool  # as warmup.freeze_bn (the public stage 1 trains BatchNorm)
     ema_momentum: Prob
+    # The EMA model in train mode, as the public code leaves it: BatchNorm normalises with the target batch's
+    # own statistics and dropout is on. false: eval mode (running statistics, no dropout).
+    ema_train_mode: bool
     proto_momentum: Prob
     tau: PosFloat
     min_pixels: PosInt
@@ -260,6 +280,9 @@ class TeacherParams(Strict):
 class RoundParams(Strict):
     # Model directory of this round's teacher (dvc.yaml passes <teacher>/last.pt to teacher@r and distill@r).
     teacher: str
+    # The student's start: "previous": the teacher's weights (and architecture); "pretrained": the backbone from
+    # distill.student_weights (the public stage 2: SimCLR); "scratch": random.
+    student_init: Literal["previous", "pretrained", "scratch"]
 
 
 class DistillParams(Strict):
@@ -272,9 +295,11 @@ class DistillParams(Strict):
     kd_beta: NonNegFloat
     target_scale: Prob
     source_ce: LossSwitch
-    # "previous": start from the teacher's weights; "pretrained": backbone from distill.student_weights.
-    student_init: Literal["previous", "pretrained", "scratch"]
-    student_weights: str | None
+    freeze_bn: bool  # as warmup.freeze_bn (the public KD stages train BatchNorm)
+    student_weights: str | None  # local backbone file of the rounds whose student_init is "pretrained"
+    # A "pretrained" student gets the extra BatchNorm on the backbone output (model.bn_clr), as the public
+    # SimCLR student (--bn_clr); "previous" students keep their teacher's architecture.
+    student_bn_clr: bool
     target_bn: bool  # as adapt.target_bn
     precise_bn: PreciseBNParams  # as adapt.precise_bn
 
@@ -282,8 +307,9 @@ class DistillParams(Strict):
     def _rounds(self) -> DistillParams:
         if sorted(self.rounds) != list(range(1, len(self.rounds) + 1)):
             raise ValueError(f"rounds: keys must be 1..N, got {sorted(self.rounds)}")
-        if self.student_init == "pretrained" and not self.student_weights:
-            raise ValueError("student_weights: required when student_init is 'pretrained'")
+        pretrained = [r for r, spec in self.rounds.items() if spec.student_init == "pretrained"]
+        if pretrained and not self.student_weights:
+            raise ValueError(f"student_weights: required, round {pretrained[0]} has student_init 'pretrained'")
         return self
 
 
@@ -297,6 +323,9 @@ class BaseParams(Strict):
     device: Literal["auto", "cpu", "cuda"]
     threads: NonNegInt  # torch CPU threads; 0 = torch's default
     channels_last: bool  # NHWC memory format for the networks (bench/bench_adapt_cost.py measures both)
+    # Under DDP on CUDA, BatchNorm layers that train are synchronised across processes (SyncBatchNorm), as the
+    # public code's sync_bn; on CPU (gloo) each process keeps its own batch statistics.
+    sync_bn: bool
 
 
 class Params(Strict):
@@ -324,7 +353,8 @@ class Params(Strict):
             size = self.data.image_size(domain)
             if size is None:
                 continue
-            max_scale = view.scale_range[1]
+            # Views are drawn from the image at view.base_width (aspect kept) when set, else as read.
+            max_scale = view.scale_range[1] * (view.base_width / size[1] if view.base_width else 1.0)
             if view.crop[0] > size[0] * max_scale or view.crop[1] > size[1] * max_scale:
                 raise ValueError(
                     f"{key}: crop {list(view.crop)} is larger than the {domain} image {list(size)} "

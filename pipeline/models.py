@@ -243,7 +243,7 @@ def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
     """Put every BatchNorm layer in eval mode and stop gradients to its affine params (BN frozen).
 
-    ``module.train()`` undoes the eval mode; SegModel built with ``freeze_bn`` re-applies this in train().
+    ``module.train()`` undoes the eval mode; a SegModel whose ``freeze_bn`` is set re-applies this in train().
     """
     for m in batchnorms(module):
         m.eval()
@@ -256,16 +256,26 @@ class SegModel(nn.Module):
     """Backbone + ProDA head. ``forward(x)`` takes RGB/255 (no mean/std) and returns ``(logits, features)``,
     both at the backbone's output stride (callers upsample)."""
 
-    def __init__(self, backbone: ResNetBackbone, head: ProDAHead, freeze_bn: bool = False) -> None:
+    def __init__(self, backbone: ResNetBackbone, head: ProDAHead, bn_clr: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
+        # The public SimCLR student's extra BatchNorm on the backbone output (its ``bn_clr``).
+        self.bn_clr = nn.BatchNorm2d(backbone.out_channels) if bn_clr else None
         self.head = head
         self.num_classes: int = head.classifier.out_channels
         self.feat_dim: int = head.classifier.in_channels
         self.output_stride: int = backbone.output_stride
-        self.freeze_bn = freeze_bn
-        if freeze_bn:
-            freeze_batchnorm(self)
+        self.freeze_bn = False
+
+    def set_freeze_bn(self, freeze: bool) -> SegModel:
+        """The training stage's BatchNorm policy: frozen (eval mode, fixed affine params, kept so by train()) or
+        trained. A policy of the stage that trains the model, not of its architecture: the public recipe
+        freezes BatchNorm in the warm-up only."""
+        self.freeze_bn = freeze
+        for m in batchnorms(self):
+            for p in m.parameters():
+                p.requires_grad_(not freeze)
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> SegModel:
         super().train(mode)
@@ -275,10 +285,13 @@ class SegModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.backbone(x))
+        x = self.backbone(x)
+        return self.head(x if self.bn_clr is None else self.bn_clr(x))
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        return self.backbone.parameters()
+        yield from self.backbone.parameters()
+        if self.bn_clr is not None:
+            yield from self.bn_clr.parameters()
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.head.parameters()
@@ -297,7 +310,7 @@ def build_model(
     se_reduction: int = 16,
     feat_relu: bool = False,
     pretrained: str | Path | None = None,
-    freeze_bn: bool = False,
+    bn_clr: bool = False,
 ) -> SegModel:
     """Build a DeepLab-v2 (ProDA head) model; ``pretrained`` is a local torchvision-format ResNet file."""
     bb = build_backbone(backbone, width=width, output_stride=output_stride)
@@ -311,7 +324,7 @@ def build_model(
         se_reduction=se_reduction,
         feat_relu=feat_relu,
     )
-    model = SegModel(bb, head, freeze_bn=freeze_bn)
+    model = SegModel(bb, head, bn_clr=bn_clr)
     if pretrained is not None:
         load_backbone_weights(model, pretrained)
     return model

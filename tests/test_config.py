@@ -57,7 +57,21 @@ def test_default_and_presets_load():
             r"source_style: .*class_frequency: multipliers must be >= 0, got \{'truck': -0.5\}",
         ),
         ("data.embedded.target_style", {"ego_vehicle": 1.5}, r"target_style: .*ego_vehicle < 1"),
-        ("distill.rounds", {"1": {"teacher": "models/adapt"}, "3": {"teacher": "x"}}, r"rounds: keys must be 1\.\.N"),
+        (
+            "distill.rounds",
+            {
+                "1": {"teacher": "models/adapt", "student_init": "previous"},
+                "3": {"teacher": "x", "student_init": "previous"},
+            },
+            r"rounds: keys must be 1\.\.N",
+        ),
+        ("distill.rounds", {"1": {"teacher": "models/adapt"}}, r"distill\.rounds\.1\.student_init: Field required"),
+        (
+            "distill.rounds",
+            {"1": {"teacher": "models/adapt", "student_init": "pretrained"}},
+            r"student_weights: required, round 1 has student_init 'pretrained'",
+        ),
+        ("warmup.optim.schedule_iters", 10, r"schedule_iters: 10 is below iters"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):

@@ -39,7 +39,7 @@ EQUIV = tiny_params(
         "warmup.optim.iters": 8,
         "warmup.optim.ckpt_every": 2,
         "warmup.target_bn": False,
-        "model.freeze_bn": True,
+        "warmup.freeze_bn": True,
         "model.dropout": 0.0,
     }
 )

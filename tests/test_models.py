@@ -141,7 +141,7 @@ def test_key_mismatch_lists_keys(tmp_path) -> None:
 
 
 def test_frozen_bn_survives_train() -> None:
-    model = _tiny(freeze_bn=True)
+    model = _tiny().set_freeze_bn(True)
     model.train()
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns and all(not m.training for m in bns)
@@ -197,7 +197,7 @@ def test_ema_update_rejects_a_model_of_another_dtype() -> None:
 
 
 def test_param_groups() -> None:
-    model = _tiny(freeze_bn=True)
+    model = _tiny().set_freeze_bn(True)
     groups = param_groups(model, lr=2.5e-4, head_lr_mult=10.0, weight_decay=2e-4)
     assert [g["name"] for g in groups] == ["backbone", "head"]
     assert groups[1]["lr"] / groups[0]["lr"] == pytest.approx(10.0)

@@ -75,7 +75,7 @@ MP = ModelParams(
     dropout=0.1,
     gn_groups=8,
     se_reduction=4,
-    freeze_bn=False,
+    bn_clr=False,
     pretrained=None,
 )
 
@@ -89,7 +89,10 @@ RAW = tiny_params(
         "model": MP.model_dump(mode="json"),
         "warmup.target_bn": False,
         "adapt.target_bn": False,
-        "distill.rounds": {"1": {"teacher": "models/adapt"}, "2": {"teacher": "models/distill_1"}},
+        "distill.rounds": {
+            "1": {"teacher": "models/adapt", "student_init": "previous"},
+            "2": {"teacher": "models/distill_1", "student_init": "previous"},
+        },
         "distill.conf_threshold": 0.95,
         "evaluate": {"batch_size": 2, "n_overlays": 2},
     }

@@ -79,12 +79,11 @@ _TINY_OVERRIDES: dict[str, Any] = {
     },
     "teacher": {"batch_size": 4},
     "distill": {
-        "rounds": {"1": {"teacher": "models/adapt"}},
+        "rounds": {"1": {"teacher": "models/adapt", "student_init": "scratch"}},
         "optim": _optim(2),
         "view": VIEW,
         "conf_threshold": 0.95,
         "kd_beta": 1.0,
-        "student_init": "scratch",
         "target_bn": True,
     },
     "evaluate": {"batch_size": 4, "n_overlays": 2},

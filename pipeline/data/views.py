@@ -75,17 +75,21 @@ RANDAUG_OPS: tuple[str, ...] = (
 
 @dataclass
 class WeakViewConfig:
-    """Random rescale (factor relative to the given image), random crop (padded if smaller), hflip."""
+    """Random rescale (factor relative to the given image, or to that image at ``base_width`` with its aspect
+    kept: the public code's ``--resize``), random crop (padded if smaller), hflip."""
 
     crop_size: tuple[int, int]  # (h, w)
     scale_range: tuple[float, float] = (0.5, 1.5)
     hflip_p: float = 0.5
+    base_width: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.crop_size) != 2 or min(self.crop_size) < 1:
             raise ValueError(f"crop_size must be (h, w) with positive sides, got {self.crop_size}")
         if not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must satisfy 0 < lo <= hi, got {self.scale_range}")
+        if self.base_width is not None and self.base_width < 1:
+            raise ValueError(f"base_width must be positive or None, got {self.base_width}")
 
 
 @dataclass
@@ -305,7 +309,8 @@ def _bilinear_window(image: Tensor, py: Tensor, px: Tensor) -> Tensor:
 
 
 def make_weak_view(image: Tensor, label: Tensor | None, cfg: WeakViewConfig, generator: torch.Generator) -> View:
-    """Random rescale by s ~ U(scale_range), random crop to ``cfg.crop_size``, hflip with p ``hflip_p``.
+    """Random rescale by s ~ U(scale_range) (times ``base_width / W`` when set), random crop to
+    ``cfg.crop_size``, hflip with p ``hflip_p``.
 
     When the rescaled image is smaller than the crop along a side, it is placed at a uniformly random offset
     inside the crop; the rest is padding (invalid, image ``IMAGE_FILL``, label ``IGNORE_INDEX``).
@@ -319,6 +324,8 @@ def make_weak_view(image: Tensor, label: Tensor | None, cfg: WeakViewConfig, gen
         raise ValueError(f"label shape {tuple(label.shape)} != image size {(H, W)}")
     ch, cw = cfg.crop_size
     s = cfg.scale_range[0] + (cfg.scale_range[1] - cfg.scale_range[0]) * _rand(generator)
+    if cfg.base_width is not None:  # the views come from a larger (or smaller) image than inference reads
+        s *= cfg.base_width / W
     rh, rw = max(1, round(H * s)), max(1, round(W * s))
     # Offset of the crop window in the rescaled image; negative when the image is smaller (padding first).
     top = _randint(generator, min(0, rh - ch), max(0, rh - ch))

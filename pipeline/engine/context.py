@@ -38,6 +38,7 @@ class Context:
     # What the training loop reports to (the run's monitor; quiet by default).
     monitor: Monitor = field(default_factory=Monitor)
     channels_last: bool = False  # base.channels_last: NHWC weights/activations (faster oneDNN/cuDNN convs)
+    sync_bn: bool = False  # base.sync_bn: SyncBatchNorm for BatchNorm that trains under DDP on CUDA
 
     def place(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on this rank's device, in the memory format the params ask for."""
@@ -108,7 +109,10 @@ def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context,
     if info.is_main and not bf16_native(info.device.type):
         print(f"[{stage}] bf16 autocast off: no native bf16 kernels on this {info.device.type} (amp runs fp32)")
     names = class_names(params.data.num_classes)
-    return Context(stage, params.base.seed, info, names, channels_last=params.base.channels_last), params
+    ctx = Context(
+        stage, params.base.seed, info, names, channels_last=params.base.channels_last, sync_bn=params.base.sync_bn
+    )
+    return ctx, params
 
 
 def new_model(mp: ModelParams, num_classes: int) -> SegModel:
@@ -123,7 +127,7 @@ def new_model(mp: ModelParams, num_classes: int) -> SegModel:
         gn_groups=mp.gn_groups,
         se_reduction=mp.se_reduction,
         pretrained=mp.pretrained,
-        freeze_bn=mp.freeze_bn,
+        bn_clr=mp.bn_clr,
     )
 
 

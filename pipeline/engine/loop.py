@@ -381,7 +381,7 @@ def fit(
     first_bad: torch.Tensor | None = None
     for it in range(run.start, p.iters):
         for o in task.optimizers().values():
-            apply_poly(o, it, p.iters, p.poly_power)
+            apply_poly(o, it, p.schedule_iters or p.iters, p.poly_power)
         logs_acc, bad, images = _accumulate(task, streams, p, info, it)
         reports.images += images
         first_bad = bad if first_bad is None else first_bad | bad

@@ -20,11 +20,13 @@ from pipeline.engine.terms import Losses, Term
 from pipeline.files import write_json
 from pipeline.maths.losses import cross_entropy
 from pipeline.maths.metrics import write_per_class_csv
-from pipeline.models import estimate_bn_stats, source_bn_frozen
+from pipeline.models import batchnorms, estimate_bn_stats, source_bn_frozen
 
 
 def weak_config(v: ViewParams) -> WeakViewConfig:
-    return WeakViewConfig(crop_size=tuple(v.crop), scale_range=tuple(v.scale_range), hflip_p=v.hflip_p)
+    return WeakViewConfig(
+        crop_size=tuple(v.crop), scale_range=tuple(v.scale_range), hflip_p=v.hflip_p, base_width=v.base_width
+    )
 
 
 def strong_config(s: StrongParams) -> StrongViewConfig:
@@ -75,9 +77,21 @@ def source_forward(net: nn.Module, src: dict, losses: Losses, target_bn: bool) -
     losses.add(SOURCE_CE, cross_entropy(logits, src["label"]))
 
 
+def sync_batchnorm(model: nn.Module, ctx: Context) -> nn.Module:
+    """``model`` with SyncBatchNorm layers where its BatchNorm trains under DDP on CUDA and ``base.sync_bn``
+    asks for it (the public code's sync_bn: the paper's batch 4 over 4 GPUs is one image per process). Layers
+    are replaced in place, so references to ``model`` stay valid. Elsewhere (one process, CPU/gloo, frozen BN)
+    the model is returned unchanged: on CPU each process normalises with its own batch."""
+    trains_bn = not getattr(model, "freeze_bn", False) and bool(batchnorms(model))
+    if ctx.sync_bn and ctx.info.enabled and ctx.info.device.type == "cuda" and trains_bn:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
 def wrap_ddp(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.info.enabled:
         return model
+    model = sync_batchnorm(model, ctx)
     ids = [ctx.info.device.index] if ctx.info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

@@ -177,8 +177,9 @@ def structure_kl(teacher_logits: Tensor, student_logits: Tensor, valid: Tensor |
     warped teacher's support) *and over the K classes*, i.e. the per-pixel KL divided by K: the public code
     averages over an [N, K, H, W] mask, and its weight (10) was tuned for that scale. The teacher is detached.
 
-    Both distributions come from ``log_softmax``; the public code fed probabilities to ``F.kl_div``, whose
-    input must be log-probabilities. Empty prototypes (``-inf`` logits in both) contribute ``0 log 0 = 0``.
+    Both distributions come from ``log_softmax`` (the public code's structure KL does the same: softmax teacher,
+    ``log_softmax`` student; only its KD term passes probabilities). Empty prototypes (``-inf`` logits in both)
+    contribute ``0 log 0 = 0``.
     """
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(

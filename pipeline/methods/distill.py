@@ -35,7 +35,7 @@ from pipeline.maths.losses import cross_entropy, kd_kl
 from pipeline.maths.resize import resize_bilinear
 from pipeline.maths.selection import ConfidenceThreshold
 from pipeline.methods.self_training import TargetViews
-from pipeline.models import load_backbone_weights, param_groups
+from pipeline.models import SegModel, load_backbone_weights, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
 
 # The loss terms of a KD round.
@@ -94,15 +94,20 @@ class DistillTask:
         return losses.total, losses.logs
 
 
-def student(ctx: Context, p: DistillParams, teacher_path: Path) -> tuple[nn.Module, ModelParams]:
-    """The student (the teacher's architecture) and its initial weights: the teacher's, a local
-    self-supervised/ImageNet backbone, or random."""
-    if p.student_init == "previous":
+def student(ctx: Context, p: DistillParams, r: int, teacher_path: Path) -> tuple[SegModel, ModelParams]:
+    """Round ``r``'s student and its architecture, as ``distill.rounds[r].student_init`` says: the teacher's
+    weights and architecture ("previous"), or the teacher's architecture with a backbone from
+    ``distill.student_weights`` ("pretrained", plus the extra BatchNorm on the backbone output with
+    ``distill.student_bn_clr``, as the public SimCLR student), or random ("scratch")."""
+    init = p.rounds[r].student_init
+    if init == "previous":
         teacher, meta = read_model(teacher_path, ctx)
         return teacher, model_params(meta)
     mp = model_params_of(teacher_path)
+    if init == "pretrained" and p.student_bn_clr:
+        mp = mp.model_copy(update={"bn_clr": True})
     model = new_model(mp, ctx.num_classes)
-    if p.student_init == "pretrained":
+    if init == "pretrained":
         load_backbone_weights(model, p.student_weights)
     return ctx.place(model), mp
 
@@ -122,8 +127,8 @@ def train_distill(
     store.check_matches(data.dataset("target_train", with_labels=False).ids, ctx.class_names)
     if p.kd_beta > 0 and not store.has_soft:
         raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
-    model, mp = student(ctx, p, teacher_path)
-    model.train()
+    model, mp = student(ctx, p, r, teacher_path)
+    model.set_freeze_bn(p.freeze_bn).train()
     task = DistillTask(ctx, model, p)
     bs = p.optim.batch_size
     streams = {
@@ -131,7 +136,7 @@ def train_distill(
         "target": stream(ctx, data, "target_train", False, TargetViews(p.view, p.strong, store_path), bs, salt=1 + r),
     }
     inputs = [sha256_file(teacher_path), store.checkpoint_sha256, sha256_file(data.manifest("source")), r]
-    if p.student_init == "pretrained":  # other weights under the same path must not resume stale state
+    if p.rounds[r].student_init == "pretrained":  # other weights under the same path must not resume stale state
         inputs.append(sha256_file(Path(p.student_weights)))
     return run_training(
         ctx,

@@ -68,6 +68,8 @@ class ProDATask:
         self.model = model
         self.net = wrap_ddp(model, ctx)
         self.ema = ModelEMA(model, p.ema_momentum)
+        # The public EMA model is never put in eval mode (adapt.ema_train_mode).
+        self.ema.module.train(p.ema_train_mode)
         self.bank = bank.to(ctx.info.device)
         groups = param_groups(model, p.optim.lr, p.optim.head_lr_mult, p.optim.weight_decay)
         self._opt = build_optimizer(groups, p.optim)
@@ -191,7 +193,7 @@ def train_adapt(
     pseudo-label quality to ``rectified_metrics`` when target train has ground truth.
     """
     model, meta = read_model(warmup, ctx)
-    model.train()
+    model.set_freeze_bn(p.freeze_bn).train()
     store = PseudoLabelStore(store_path)
     tgt_ds_ids = data.dataset("target_train", with_labels=False).ids
     store.check_matches(tgt_ds_ids, ctx.class_names)

@@ -120,7 +120,7 @@ def train_supervised(
     With ``sec.adversarial.enabled`` (the warm-up's section has one), LS-GAN alignment to target train.
     """
     adv = getattr(sec, "adversarial", None)
-    model = ctx.place(new_model(mp, ctx.num_classes))
+    model = ctx.place(new_model(mp, ctx.num_classes)).set_freeze_bn(sec.freeze_bn)
     task = SupervisedTask(model, wrap_ddp(model, ctx), sec.optim, ctx.num_classes, adv, wrap=lambda m: wrap_ddp(m, ctx))
     tf = WeakTransform(sec.view)
     streams = {"labeled": stream(ctx, data, labeled, True, tf, sec.optim.batch_size, salt=0)}
