@@ -12,7 +12,8 @@ import yaml
 
 from tests.tiny import DVC, copy_workspace, run, write_params
 
-pytestmark = pytest.mark.slow  # `dvc repro` of the whole project
+# `dvc repro` of the whole project; on the pytest-xdist worker that builds the session's finished project once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_project")]
 
 
 def ran_stages(output: str) -> set[str]:

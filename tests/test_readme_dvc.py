@@ -19,6 +19,9 @@ import pytest
 
 from tests.tiny import DVC, REPO, copy_workspace, env, run
 
+# On the pytest-xdist worker that builds the session's finished project (tests/conftest.py) once.
+pytestmark = pytest.mark.xdist_group("finished_project")
+
 SECTION = "## Experiments and the ablation table"
 TERMINAL_COLUMNS = 120
 
