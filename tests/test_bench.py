@@ -157,6 +157,16 @@ def test_adapt_cost(tiny: Path, tmp_path: Path) -> None:
 
 
 @slow
+def test_contention(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "contention.json"
+    args = ["--params", str(tiny), "--iters", "1", "--warmup", "1", "--env", "OMP_NUM_THREADS=1"]
+    bench("bench_contention", *args, "--out", str(out))
+    data = result(out, {"alone_s", "together_s", "together_each_s", "ratio", "env"})
+    assert data["env"] == {"OMP_NUM_THREADS": "1"} and len(data["together_each_s"]) == 2
+    assert data["alone_s"] > 0 and data["ratio"] == pytest.approx(data["together_s"] / data["alone_s"])
+
+
+@slow
 def test_gpu_check_dry_run(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     text = bench("gpu_check", "--dry-run", "--params", str(tiny), "--out", str(out))
