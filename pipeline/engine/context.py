@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +35,6 @@ class Context:
     class_names: list[str]
     # The stage's run (injected by the stage entry: the Prefect flow or a plain run): `ctx.step(name, fn, ...)`.
     run: Runner | None = None
-    # What the training loop reports to (the run's monitor; quiet by default).
-    monitor: Monitor = field(default_factory=Monitor)
     channels_last: bool = False  # base.channels_last: NHWC weights/activations (faster oneDNN/cuDNN convs)
     sync_bn: bool = False  # base.sync_bn: SyncBatchNorm for BatchNorm that trains under DDP on CUDA
 
@@ -44,6 +42,11 @@ class Context:
         """The model on this rank's device, in the memory format the params ask for."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(self.info.device, memory_format=fmt)
+
+    @property
+    def monitor(self) -> Monitor:
+        """What the training loop reports to: the run's monitor (quiet without a run)."""
+        return self.run.monitor if self.run is not None else Monitor()
 
     def step(self, name: str, fn, /, *args, **kwargs):
         return fn(*args, **kwargs) if self.run is None else self.run.step(name, fn, *args, **kwargs)

@@ -304,10 +304,9 @@ class _Reports:
         self, name: str, p: OptimParams, info: DistInfo, monitor: Monitor, curves: Path, terms: list[str], start: int
     ) -> None:
         self.total, self.main, self.monitor = p.iters, info.is_main, monitor
-        main = info.is_main
-        self.train = CurveWriter(curves / "train.csv", [*terms, "loss", "lr"], start) if main else None
-        self.evals = CurveWriter(curves / "eval.csv", ["miou"], start) if main else None
-        self.bar = tqdm(total=p.iters, initial=start, desc=name, disable=not main, dynamic_ncols=True)
+        self.train = CurveWriter(curves / "train.csv", [*terms, "loss", "lr"], start) if self.main else None
+        self.evals = CurveWriter(curves / "eval.csv", ["miou"], start) if self.main else None
+        self.bar = tqdm(total=p.iters, initial=start, desc=name, disable=not self.main, dynamic_ncols=True)
         self.images, self.t_last = 0, time.time()
         monitor.start(name, p.iters, start)
 

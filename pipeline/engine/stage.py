@@ -81,7 +81,7 @@ def run_stage(
 
     def body(_run: Runner) -> None:
         ctx, params = setup(name, params_path)
-        ctx.run, ctx.monitor = run, run.monitor
+        ctx.run = run
         result = main(ctx, params)
         if result:
             ctx.publish("metrics", result)

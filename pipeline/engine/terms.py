@@ -44,10 +44,10 @@ def active(terms: Iterable[Term], p: Any) -> list[str]:
 class Losses:
     """A step's weighted sum of terms and their log entries (unweighted, detached)."""
 
-    def __init__(self, p: Any, total: torch.Tensor | None = None, logs: dict[str, Any] | None = None) -> None:
+    def __init__(self, p: Any) -> None:
         self.p = p
-        self.total = torch.zeros(()) if total is None else total
-        self.logs: dict[str, Any] = dict(logs or {})
+        self.total = torch.zeros(())
+        self.logs: dict[str, Any] = {}
 
     def on(self, term: Term) -> bool:
         return term.weight(self.p) is not None

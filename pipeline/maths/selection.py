@@ -92,6 +92,14 @@ def rectify(
     * ``sum_k(omega * p0) == 0``: no class is supported by both (e.g. all-zero padded soft labels); its
       rectified distribution is then all zeros.
     """
+    labels, rectified, _ = _rectify(soft_pseudo, weights, conf_threshold, ignore_index, valid)
+    return labels, rectified
+
+
+def _rectify(
+    soft_pseudo: Tensor, weights: Tensor, conf_threshold: float, ignore_index: int, valid: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`rectify` plus the rectified confidence it computes anyway (one reduction for both)."""
     if soft_pseudo.shape != weights.shape or soft_pseudo.dim() != 4:
         raise ValueError(
             f"soft_pseudo {tuple(soft_pseudo.shape)} and weights {tuple(weights.shape)} must be equal [B,K,h,w] shapes"
@@ -104,7 +112,7 @@ def rectify(
         conf, labels = rectified.max(dim=1)
         keep = (total.squeeze(1) > 0) & keep_mask(conf, conf_threshold)
         labels = _restrict(labels, keep, valid, ignore_index)
-    return labels, rectified
+    return labels, rectified, conf
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,8 @@ class PrototypeRectification:
     ignore_index: int = IGNORE_INDEX
 
     def select(self, prob: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        labels, rectified = self.rectified(prob, valid)
-        return labels, rectified.max(dim=1).values
+        labels, _, conf = _rectify(prob, self.weights, self.threshold, self.ignore_index, valid)
+        return labels, conf
 
     def rectified(self, prob: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Labels and the whole rectified distribution (:func:`rectify`)."""

@@ -215,7 +215,7 @@ def _import_prefect(api_url: str | None) -> Any:
         create_table_artifact=create_table_artifact,
         create_markdown_artifact=create_markdown_artifact,
         create_progress_artifact=create_progress_artifact,
-        # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit ; heartbeats
+        # The heartbeat thread sleeps in 1 s slices and the flow joins it on exit; heartbeats
         # only feed Prefect's optional zombie-run automation. The environment cannot set it to null.
         no_heartbeats=lambda: temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
     )
