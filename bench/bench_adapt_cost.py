@@ -105,6 +105,7 @@ def rss_kb(field: str) -> int:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Times `spec['task']` on `spec['config']` (``spec['measure']`` "time"), or measures its peak memory only
     ("memory"; CPU RSS needs a process with other allocator settings); runs in its own process."""
+    from pipeline import cores
     from pipeline.data.labels import class_names
     from pipeline.distributed import DistInfo
     from pipeline.engine.context import Context, new_model
@@ -116,6 +117,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     params = load_config(spec["config"], spec["amp"], spec.get("overrides"), spec.get("params", DEFAULT))
     device = torch.device(spec["device"])
+    if device.type == "cpu":
+        cores.join(params.base.threads)  # as a stage does: threads follow the jobs sharing the cores
     k = params.data.num_classes
     channels_last = spec.get("channels_last", params.base.channels_last)
     ctx = Context("adapt", params.base.seed, DistInfo(0, 1, 0, device), class_names(k), channels_last=channels_last)
@@ -133,6 +136,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     amp = spec["amp"]
 
     def step() -> None:
+        cores.rebalance()
         with autocast(device, amp):
             loss, _ = task.loss(batch, 0)
         with record_function("step/backward"):

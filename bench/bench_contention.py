@@ -4,10 +4,12 @@ What a user meets with `dvc queue start -j 2`, tests beside a run, or two stages
 processes can spin against each other. Each measurement is `bench_adapt_cost.py`'s worker (the real task's
 step on one batch, median of `--iters` timed steps after `--warmup`), run once alone and then as two processes
 started together; `ratio` = together / alone (goal of issue 31: <= 2.5 on 2 cores, while the lone job stays as
-fast as without any setting). `--env KEY=VALUE` (repeatable) sets an environment variable for the workers, to
+fast as without any setting). Workers join the pipeline's core sharing as a stage does (`pipeline/cores.py`;
+`--threads N` fixes N threads instead, the behaviour before it).
+`--env KEY=VALUE` (repeatable) sets an environment variable for the workers, to
 measure a lever, e.g. `--env OMP_WAIT_POLICY=PASSIVE` or `--env OMP_NUM_THREADS=1`.
 
-    python bench/bench_contention.py [--task supervised|proda] [--iters 20] [--env KEY=VALUE ...]
+    python bench/bench_contention.py [--task supervised|proda] [--iters 20] [--threads N] [--env KEY=VALUE ...]
         [--params FILE] [--out bench/results/contention.json]
 """
 
@@ -50,7 +52,10 @@ def main() -> None:
     ap = parser(__doc__, "contention")
     ap.add_argument("--task", choices=["supervised", "proda"], default="supervised")
     ap.add_argument("--iters", type=int, default=20, help="timed steps per process (median)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    # Untimed steps first: long enough for the workers to see each other (pipeline/cores.py re-reads the job
+    # registry every 2 s), as they do within a stage's first seconds.
+    ap.add_argument("--warmup", type=int, default=40, help="untimed steps first")
+    ap.add_argument("--threads", type=int, default=0, help="base.threads (0: shared; N: fixed, no sharing)")
     ap.add_argument("--env", metavar="KEY=VALUE", action="append", default=[], help="worker environment, repeatable")
     args = ap.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
@@ -63,13 +68,14 @@ def main() -> None:
         "iters": args.iters,
         "warmup": args.warmup,
         "measure": "time",
+        "overrides": {"base.threads": args.threads},
     }
     result = measure(spec, {**os.environ, **extra})
     print(
         f"{args.task} step alone {result['alone_s']:.3f} s, two processes together {result['together_s']:.3f} s "
         f"(ratio {result['ratio']:.2f}); environment {extra or 'as given'}"
     )
-    write_result(args.out, {"task": args.task, "env": extra, "iters": args.iters, **result})
+    write_result(args.out, {"task": args.task, "env": extra, "threads": args.threads, "iters": args.iters, **result})
 
 
 if __name__ == "__main__":

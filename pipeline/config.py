@@ -171,6 +171,8 @@ class OptimParams(Strict):
     head_lr_mult: PosFloat
     momentum: NonNegFloat
     weight_decay: NonNegFloat
+    lr_policy: Literal["poly", "cosine"]  # decay over the horizon (schedule_iters or iters)
+    warmup_iters: NonNegInt  # linear lr ramp over the first iterations (0: none)
     poly_power: NonNegFloat
     amp: bool  # bf16 autocast where the device has bf16 kernels (CUDA, AVX512/AMX CPUs); fp32 elsewhere
     eval_every: NonNegInt  # 0: only at the end
@@ -181,6 +183,8 @@ class OptimParams(Strict):
     def _horizon(self) -> OptimParams:
         if self.schedule_iters is not None and self.schedule_iters < self.iters:
             raise ValueError(f"schedule_iters: {self.schedule_iters} is below iters {self.iters} (lr would be 0)")
+        if self.warmup_iters >= self.iters:
+            raise ValueError(f"warmup_iters: {self.warmup_iters} is not below iters {self.iters}")
         return self
 
 
@@ -321,7 +325,7 @@ class EvaluateParams(Strict):
 class BaseParams(Strict):
     seed: int
     device: Literal["auto", "cpu", "cuda"]
-    threads: NonNegInt  # torch CPU threads; 0 = torch's default
+    threads: NonNegInt  # torch CPU threads; 0: shared among the jobs on these cores (pipeline/cores.py)
     channels_last: bool  # NHWC memory format for the networks (bench/bench_adapt_cost.py measures both)
     # Under DDP on CUDA, BatchNorm layers that train are synchronised across processes (SyncBatchNorm), as the
     # public code's sync_bn; on CPU (gloo) each process keeps its own batch statistics.

@@ -9,6 +9,7 @@ torchvision imports), so the number of processes is kept small and fixtures shar
 from __future__ import annotations
 
 import csv
+import math
 import os
 import platform
 import re
@@ -23,10 +24,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import load_params
 from pipeline.data.datasets import index_seed
 from pipeline.distributed import DistInfo
 from pipeline.engine.loop import EpochBatchSampler, Stream
 from tests.tiny import stage, stage_argv, tiny_params, workspace, write_params
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ITERS = 40  # long enough that the kill lands well before the end; a step is ~50 ms on one CPU core
@@ -364,7 +368,7 @@ def test_stream_batches_do_not_depend_on_worker_processes(tmp_path: Path):
 
 
 def test_poly_schedule_values() -> None:
-    from pipeline.engine.loop import apply_poly, poly_factor
+    from pipeline.engine.loop import apply_lr, lr_factor, poly_factor
 
     assert poly_factor(0, 100, 0.9) == pytest.approx(1.0)
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
@@ -377,8 +381,26 @@ def test_poly_schedule_values() -> None:
     opt = torch.optim.SGD(
         [{"params": [w], "lr": 2.5e-4, "base_lr": 2.5e-4}, {"params": [], "lr": 2.5e-3, "base_lr": 2.5e-3}]
     )
-    apply_poly(opt, 50, 100, 0.9)
+    p = load_params(PARAMS).warmup.optim.model_copy(update={"iters": 100, "poly_power": 0.9})
+    apply_lr(opt, lr_factor(50, p))
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4 * 0.5**0.9, 2.5e-3 * 0.5**0.9])
+
+
+def test_cosine_schedule_and_linear_ramp() -> None:
+    from pipeline.engine.loop import lr_factor
+
+    base = load_params(PARAMS).warmup.optim
+    cos = base.model_copy(update={"iters": 100, "schedule_iters": 200, "lr_policy": "cosine", "warmup_iters": 0})
+    assert lr_factor(0, cos) == pytest.approx(1.0)
+    assert lr_factor(100, cos) == pytest.approx(0.5)  # half the horizon: (1 + cos(pi/2)) / 2
+    assert lr_factor(150, cos) == pytest.approx((1 + math.cos(0.75 * math.pi)) / 2)
+    ramp = cos.model_copy(update={"warmup_iters": 4})
+    # Steps 0..3 scale the schedule by 1/4, 2/4, 3/4, 4/4; from step 4 on the schedule alone.
+    assert lr_factor(0, ramp) == pytest.approx(0.25 * lr_factor(0, cos))
+    assert lr_factor(2, ramp) == pytest.approx(0.75 * lr_factor(2, cos))
+    assert lr_factor(4, ramp) == pytest.approx(lr_factor(4, cos))
+    with pytest.raises(ValueError, match="warmup_iters: 100 is not below iters 100"):
+        type(base).model_validate({**base.model_dump(), "iters": 100, "warmup_iters": 100})
 
 
 def _x86_cpu_flags() -> set[str] | None:

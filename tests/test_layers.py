@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 # them (methods/pseudo_labels.py) sits above the engine; monitoring and orchestration sit on top, beside the
 # stage entries and the report, and the engine knows them only through pipeline/engine/monitor.py.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("pipeline/__init__.py", "pipeline/files.py", "pipeline/distributed.py")),
+    ("base", ("pipeline/__init__.py", "pipeline/files.py", "pipeline/distributed.py", "pipeline/cores.py")),
     ("data", ("pipeline/data/", "pipeline/config.py")),
     ("maths and models", ("pipeline/maths/", "pipeline/models.py")),
     ("store", ("pipeline/store/",)),

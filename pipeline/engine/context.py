@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import cores
 from pipeline.config import DataParams, ModelParams, Params, load_params
 from pipeline.data.datasets import LabelMapper, SegDataset, manifest_file, read_manifest
 from pipeline.data.labels import class_names
@@ -100,9 +101,11 @@ def seed_everything(seed: int) -> None:
 def setup(stage: str, params_path: str | Path = "params.yaml") -> tuple[Context, Params]:
     """Loads and validates params, sets threads/seeds/determinism, and joins the DDP group under torchrun."""
     params = load_params(params_path)
-    if params.base.threads:
-        torch.set_num_threads(params.base.threads)
     info = init_distributed(params.base.device)
+    if info.device.type == "cpu":
+        cores.join(params.base.threads)  # threads follow the jobs that share the cores (pipeline/cores.py)
+    elif params.base.threads:
+        torch.set_num_threads(params.base.threads)
     seed_everything(params.base.seed + info.rank)
     if info.device.type == "cpu":
         # Bit-identical CPU runs for a seed (the resume and DDP tests rely on it).

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import cores
 from pipeline.config import OptimParams
 from pipeline.data.datasets import index_seed
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, bf16_native, unwrap
@@ -137,6 +139,20 @@ def poly_factor(it: int, max_iters: int, power: float) -> float:
     return max(0.0, 1.0 - it / max_iters) ** power
 
 
+def lr_factor(it: int, p: OptimParams) -> float:
+    """The lr multiplier at iteration ``it``: a linear ramp over ``warmup_iters`` (from 1/warmup_iters), then
+    poly ``(1 - it/H)^power`` or half a cosine ``(1 + cos(pi it/H))/2`` over the horizon H (schedule_iters or
+    iters), both counted from iteration 0 so that the ramp only scales the first steps down."""
+    horizon = p.schedule_iters or p.iters
+    if p.lr_policy == "cosine":
+        f = 0.5 * (1.0 + math.cos(math.pi * min(it, horizon) / horizon))
+    else:
+        f = poly_factor(it, horizon, p.poly_power)
+    if it < p.warmup_iters:
+        f *= (it + 1) / p.warmup_iters
+    return f
+
+
 def build_optimizer(groups: list[dict], p: OptimParams) -> torch.optim.Optimizer:
     for g in groups:
         g.setdefault("base_lr", g["lr"])
@@ -147,10 +163,9 @@ def build_optimizer(groups: list[dict], p: OptimParams) -> torch.optim.Optimizer
     return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay, fused=True)
 
 
-def apply_poly(opt: torch.optim.Optimizer, it: int, max_iters: int, power: float) -> float:
-    f = poly_factor(it, max_iters, power)
+def apply_lr(opt: torch.optim.Optimizer, factor: float) -> float:
     for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * f
+        g["lr"] = g["base_lr"] * factor
     return opt.param_groups[0]["lr"]
 
 
@@ -172,6 +187,7 @@ def evaluate(model: nn.Module, dataset, num_classes: int, info: DistInfo, batch_
     cm = ConfusionMatrix(num_classes)
     indices = list(range(info.rank, len(dataset), info.world_size))
     for start in range(0, len(indices), batch_size):
+        cores.rebalance()
         samples = [dataset[i] for i in indices[start : start + batch_size]]
         # Consecutive samples of one image and label size form a batch (sizes may differ between images).
         for _, group in itertools.groupby(samples, key=lambda s: (s["image"].shape, s["label"].shape)):
@@ -379,8 +395,10 @@ def fit(
     check_every = 1 if info.device.type == "cpu" else p.log_every
     first_bad: torch.Tensor | None = None
     for it in range(run.start, p.iters):
+        cores.rebalance()
+        factor = lr_factor(it, p)
         for o in task.optimizers().values():
-            apply_poly(o, it, p.schedule_iters or p.iters, p.poly_power)
+            apply_lr(o, factor)
         logs_acc, bad, images = _accumulate(task, streams, p, info, it)
         reports.images += images
         first_bad = bad if first_bad is None else first_bad | bad

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import cores
 from pipeline.data.datasets import SegDataset
 from pipeline.engine.context import Context, Data
 from pipeline.engine.loop import autocast, collate
@@ -70,6 +71,7 @@ def write_pseudo_labels(
     ) as writer:
         start = 0
         for batch in tqdm(_loader(ds, batch_size, data.num_workers), desc=ctx.stage, dynamic_ncols=True):
+            cores.rebalance()
             tc = time.time()
             prob = softmax_at_stride(model, batch["image"].to(ctx.info.device), flip)
             if prob.shape[-2:] != (h, w):
@@ -136,6 +138,7 @@ def init_prototypes(
     store.check_matches(ds.ids, ctx.class_names)
     acc = PrototypeAccumulator(ctx.num_classes, model.feat_dim, device=ctx.info.device)
     for batch in tqdm(_loader(ds, batch_size, data.num_workers), desc=ctx.stage, dynamic_ncols=True):
+        cores.rebalance()
         with autocast(ctx.info.device, True):
             feat = model(batch["image"].to(ctx.info.device).float() / 255.0)[1].float()
         labels = torch.stack([torch.from_numpy(store.get(i)["label"].astype(np.int64)) for i in batch["id"]])
