@@ -202,3 +202,26 @@ def test_scaling(tiny: Path, tmp_path: Path) -> None:
     data = result(out, {"factors", "iters", "images", "runs"})
     assert data["images"]["2"]["n_source"] == 2 * data["images"]["1"]["n_source"]
     assert set(data["runs"]) == {"1", "2"} and all("generate" in r["stages"] for r in data["runs"].values())
+
+
+def test_methods_reuse_table(tmp_path: Path) -> None:
+    """bench_methods aggregates each seed's methods: final mIoU, gap closed, final minus that seed's AdaBN warm-up."""
+    for seed, (w, st) in enumerate([(20.0, 26.0), (22.0, 30.0)]):
+        for method, kd in (("proda", 29.0 + seed), ("self-training", st)):
+            run_dir = tmp_path / "methods" / f"seed_{seed}" / "methods" / method
+            fake_run(tmp_path / "runs" / f"{seed}-{method}", seed, w, w + 1, kd, 40.0)
+            run_dir.mkdir(parents=True)
+            (run_dir / "evaluate.json").write_bytes(
+                (tmp_path / "runs" / f"{seed}-{method}/metrics/evaluate.json").read_bytes()
+            )
+    out = tmp_path / "methods.json"
+    text = bench("bench_methods", "--reuse", str(tmp_path / "methods"), "--out", str(out))
+    data = result(out, {"rows", "per_seed", "methods", "cost_ratio"})
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"proda", "self-training", "adaptsegnet"}
+    st = rows["self-training"]
+    assert st["miou_per_seed"] == [26.0, 30.0] and st["miou_mean"] == pytest.approx(28.0)
+    assert st["final_minus_adabn_warmup"] == [6.0, 8.0]  # against each seed's own warm-up
+    assert st["gap_closed_mean"] == pytest.approx((30.0 + 8 / 18 * 100) / 2)
+    assert rows["adaptsegnet"]["seeds"] == [] and rows["proda"]["published_gta5_cityscapes"] == 57.5
+    assert "self-training" in text and data["cost_ratio"] is None

@@ -7,6 +7,7 @@ from the README's "Experiments and the ablation table" section, not copied here.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.tiny import DVC, REPO, copy_workspace, env, run
 
@@ -82,7 +84,7 @@ def test_readme_has_the_commands():
     assert len(blocks) == 2, blocks
     ablation = blocks[0]
     assert sum(c.startswith("dvc exp run --queue") for c in ablation) == 4, ablation
-    assert "dvc queue start" in ablation and "dvc queue status" in ablation
+    assert any(c.startswith("dvc queue start") for c in ablation) and "dvc queue status" in ablation
     assert any(c.startswith("dvc exp show") for c in ablation)
 
 
@@ -167,3 +169,56 @@ def test_comparison_commands_run_as_written(finished_run: Path):
             assert "rectify: false" in (root / "params.yaml").read_text()
     if skipped:
         pytest.skip(f"no built vega template ({template}; `make plots` builds it with npm): not run: {skipped}")
+
+
+METHODS_SECTION = "## Methods side by side"
+
+
+def method_commands(readme: Path = REPO / "README.md") -> dict[str, list[str]]:
+    """Each `dvc exp run -n NAME -S ...` of the methods section (continuation lines joined): NAME -> -S args."""
+    import shlex
+
+    text = readme.read_text()
+    start = text.index(METHODS_SECTION)
+    end = text.find("\n## ", start + len(METHODS_SECTION))
+    (block,) = re.findall(r"```bash\n(.*?)```", text[start:end], flags=re.DOTALL)
+    commands = [c.split("  #")[0] for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+    out = {}
+    for command in commands:
+        argv = shlex.split(command)
+        assert argv[:4] == ["dvc", "exp", "run", "--queue"], command
+        out[argv[argv.index("-n") + 1]] = [argv[i + 1] for i, a in enumerate(argv) if a == "-S"]
+    return out
+
+
+def test_methods_commands_are_the_benchmarks_methods(tmp_path: Path):
+    """One home per method: the README's command is the benchmark's definition, and it gives valid params."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_methods import METHODS, write_method_params
+
+    from pipeline.config import load_params
+
+    commands = method_commands()
+    assert commands == {name: list(m.sets) for name, m in METHODS.items() if m.sets}
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, method in METHODS.items():
+        write_method_params(tmp_path, base, method)
+        p = load_params(tmp_path / "params.yaml")
+        if name == "self-training":
+            assert [r.teacher for r in p.distill.rounds.values()] == ["models/warmup", "models/distill_1"]
+            assert p.distill.kd_beta == 0.0
+        if name == "adaptsegnet":
+            assert p.warmup.adversarial.enabled
+
+
+@pytest.mark.slow
+def test_self_training_command_reruns_only_the_rounds(finished_run: Path):
+    """The README's self-training line, run (not queued) in a finished project: DVC reruns the KD chain only."""
+    argv = ["dvc", "exp", "run", "-n", "st"] + [x for s in method_commands()["self-training"] for x in ("-S", s)]
+    import shlex
+
+    res = sh(shlex.join(argv), finished_run)
+    ran = re.findall(r"Running stage '([^']+)'", res.stdout)
+    assert ran == ["teacher@1", "distill@1", "teacher@2", "distill@2", "evaluate"], res.stdout
+    report = json.loads((finished_run / "metrics" / "evaluate.json").read_text())
+    assert report["final_stage"] == "distill_2" and {"teacher_1", "teacher_2"} <= set(report["pseudo_labels"])
