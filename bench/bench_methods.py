@@ -49,16 +49,30 @@ class Method:
     published: float | None = None  # GTA5 -> Cityscapes mIoU of the paper (ResNet-101 DeepLab-v2)
 
 
+# Plain self-training as the KD chain: round 1's teacher is the AdaBN warm-up, no KD term, a second round.
+SELF_TRAINING = (
+    "distill.rounds.1.teacher=models/warmup",
+    "distill.kd_beta=0",
+    "+distill.rounds.2={teacher: models/distill_1, student_init: previous}",
+)
+CBST = (*SELF_TRAINING, "distill.selection.kind=class_balanced")
+
 METHODS: dict[str, Method] = {
     "proda": Method("ProDA: warm-up (AdaBN), stage 1, KD round(s), the default", (), 57.5),
     "self-training": Method(
-        "plain self-training: two rounds of confident hard pseudo labels (teacher@r -> distill@r, no KD term) "
-        "from the AdaBN warm-up",
-        (
-            "distill.rounds.1.teacher=models/warmup",
-            "distill.kd_beta=0",
-            "+distill.rounds.2={teacher: models/distill_1, student_init: previous}",
-        ),
+        "plain self-training: two rounds of hard pseudo labels with confidence >= 0.95 (teacher@r -> distill@r, "
+        "no KD term) from the AdaBN warm-up",
+        SELF_TRAINING,
+    ),
+    "cbst": Method(
+        "CBST: the same rounds with class-balanced thresholds (each class keeps its top 20%, then 25%)",
+        CBST,
+        45.9,
+    ),
+    "crst": Method(
+        "CRST (MRKLD): CBST + the confidence regulariser (weight 0.1)",
+        (*CBST, "distill.regulariser.enabled=true"),
+        47.1,
     ),
     "adaptsegnet": Method(
         "AdaptSegNet (output-space adversarial warm-up), then the ProDA stages from it",
@@ -88,6 +102,7 @@ def run_seed(root: Path, base: dict, names: list[str]) -> dict[str, Any]:
         keep.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / EVALUATE, keep / "evaluate.json")
         shutil.copy(root / "dvc.lock", keep / "dvc.lock")
+        (keep / "timing.json").write_text(json.dumps(timing, indent=2))
         out[name] = {"timing": timing, "evaluate": json.loads((root / EVALUATE).read_text())}
     # The workspace's own params again, its outputs restored from DVC's run cache: the default's finished run.
     write_params(root, base)
@@ -102,7 +117,9 @@ def reuse(workdir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
         for name in names:
             f = ws / "methods" / name / "evaluate.json"
             if f.is_file():
-                done[name] = {"timing": None, "evaluate": json.loads(f.read_text())}
+                t = f.with_name("timing.json")
+                timing = json.loads(t.read_text()) if t.is_file() else None
+                done[name] = {"timing": timing, "evaluate": json.loads(f.read_text())}
         runs[ws.name.removeprefix("seed_")] = done
     return runs
 

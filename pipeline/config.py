@@ -289,6 +289,17 @@ class RoundParams(Strict):
     student_init: Literal["previous", "pretrained", "scratch"]
 
 
+class SelectionParams(Strict):
+    """Which teacher pixels become a KD round's hard labels (pipeline/maths/selection.py)."""
+
+    # threshold: the teacher's confidence >= distill.conf_threshold (plain self-training, ProDA's rounds);
+    # class_balanced: CBST's per-class thresholds, each class keeping its top `portion` over target train.
+    kind: Literal["threshold", "class_balanced"]
+    portion: Prob  # round 1's portion (CBST: 0.2)
+    portion_step: NonNegFloat  # added per round (CBST: 0.05)
+    portion_max: Prob  # the portion stops growing here (CBST: 0.5)
+
+
 class DistillParams(Strict):
     # One entry per KD round, keyed by round number (dvc.yaml's `foreach` builds teacher@r and distill@r).
     rounds: dict[PosInt, RoundParams]
@@ -296,7 +307,9 @@ class DistillParams(Strict):
     view: ViewParams
     strong: StrongParams
     conf_threshold: Prob
+    selection: SelectionParams
     kd_beta: NonNegFloat
+    regulariser: LossSwitch  # CRST's MRKLD: -mean log p of the student's target prediction (KL to uniform)
     target_scale: Prob
     source_ce: LossSwitch
     freeze_bn: bool  # as warmup.freeze_bn (the public KD stages train BatchNorm)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.config import Params
 from pipeline.engine.context import Context, Data
 from pipeline.engine.stage import run_stage, stage_parser
+from pipeline.methods.rounds import round_selection
 from pipeline.orchestration.flows import StageRun
 from pipeline.report.evaluation import ADAPT, ORACLE, SOURCE_ONLY, WARMUP, PseudoStore, StageModel, build_report
 from pipeline.report.render import REPORT_MD, ReportOutputs, write_outputs
@@ -44,10 +45,12 @@ def final_stage(params: Params) -> str:
 def pseudo_stores(params: Params, pseudo: Path) -> list[PseudoStore]:
     """Stage-1 soft labels (used whole, so threshold 0) and each round's hard labels at the KD threshold."""
     out = [PseudoStore(WARMUP, "pseudo_label", pseudo / "warmup.zarr", 0.0)]
+    sel, threshold = params.distill.selection, params.distill.conf_threshold
     for r in sorted(params.distill.rounds):
-        out.append(
-            PseudoStore(f"teacher_{r}", f"teacher@{r}", pseudo / f"teacher_{r}.zarr", params.distill.conf_threshold)
-        )
+        path = pseudo / f"teacher_{r}.zarr"
+        # The labels the round trained with: class-balanced thresholds are made from the store when it exists.
+        selection = partial(round_selection, sel, threshold, r, path) if sel.kind == "class_balanced" else None
+        out.append(PseudoStore(f"teacher_{r}", f"teacher@{r}", path, threshold, selection))
     return out
 
 

@@ -16,7 +16,7 @@ from pipeline.engine.context import Context
 from pipeline.engine.loop import collate
 from pipeline.maths.losses import kd_kl
 from pipeline.maths.prototypes import PrototypeBank
-from pipeline.maths.selection import ConfidenceThreshold
+from pipeline.maths.selection import ClassBalanced, ConfidenceThreshold
 from pipeline.methods.distill import DistillTask
 from pipeline.methods.proda import ProDATask
 from pipeline.methods.self_training import TargetViews
@@ -109,7 +109,8 @@ def _distill_loss_call(
     `name` (a function it imports, or a method of `owner`) and the target batch."""
     params = parse_params(tiny_params(**overrides))
     p = params.distill
-    task = DistillTask(_ctx(params), _model(), p)
+    selection = ClassBalanced([0.3] * K, 0.2) if p.selection.kind == "class_balanced" else ConfidenceThreshold(0.95)
+    task = DistillTask(_ctx(params), _model(), p, selection)
     views = TargetViews(p.view, p.strong, None)
     views.store = _Store(soft)
     s = views({"index": 0, "id": "t0", "image": torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8)}, g)
@@ -140,6 +141,23 @@ def test_kd_labels_come_from_the_bilinearly_warped_soft_map() -> None:
     assert torch.allclose(got_conf[valid], conf[valid])
     nearest = warp_to_view(soft.argmax(0)[None], tgt["coords"], (32, 32), mode="nearest", fill=255)
     assert (nearest[valid] != label[valid]).any()  # the two derivations differ on this map
+
+
+def test_class_balanced_kd_labels_use_the_whole_warped_soft_map() -> None:
+    """CBST's class-normalised argmax needs every class's probability: the KD step hands it the warped map."""
+    overrides = {
+        "distill.source_ce.enabled": False,
+        "distill.kd_beta": 0.0,
+        "distill.target_scale": 1.0,
+        "distill.selection.kind": "class_balanced",
+        "distill.regulariser.enabled": True,
+    }
+    g = torch.Generator().manual_seed(4)
+    soft = F.softmax(3 * torch.randn(K, 4, 8, generator=g), dim=0)
+    (_, got_prob, _), tgt = _distill_loss_call(overrides, soft, g, "select", ClassBalanced)
+    warped = warp_to_view(soft[None], tgt["coords"], (32, 32))
+    valid = tgt["valid"][:, None].expand_as(warped)
+    assert torch.allclose(got_prob[valid], warped[valid], atol=1e-6)
 
 
 class _Store:

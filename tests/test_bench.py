@@ -218,7 +218,7 @@ def test_methods_reuse_table(tmp_path: Path) -> None:
     text = bench("bench_methods", "--reuse", str(tmp_path / "methods"), "--out", str(out))
     data = result(out, {"rows", "per_seed", "methods", "cost_ratio"})
     rows = {r["method"]: r for r in data["rows"]}
-    assert set(rows) == {"proda", "self-training", "adaptsegnet"}
+    assert set(rows) == {"proda", "self-training", "cbst", "crst", "adaptsegnet"}
     st = rows["self-training"]
     assert st["miou_per_seed"] == [26.0, 30.0] and st["miou_mean"] == pytest.approx(28.0)
     assert st["final_minus_adabn_warmup"] == [6.0, 8.0]  # against each seed's own warm-up

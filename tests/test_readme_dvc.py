@@ -212,13 +212,24 @@ def test_methods_commands_are_the_benchmarks_methods(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_self_training_command_reruns_only_the_rounds(finished_run: Path):
-    """The README's self-training line, run (not queued) in a finished project: DVC reruns the KD chain only."""
-    argv = ["dvc", "exp", "run", "-n", "st"] + [x for s in method_commands()["self-training"] for x in ("-S", s)]
+def test_self_training_methods_run_and_rerun_only_what_they_change(finished_run: Path):
+    """The README's self-training and CRST lines, run (not queued) one after the other in a finished project:
+    each reruns only the stages its change reaches, and the report names the selection of each round."""
     import shlex
 
-    res = sh(shlex.join(argv), finished_run)
-    ran = re.findall(r"Running stage '([^']+)'", res.stdout)
-    assert ran == ["teacher@1", "distill@1", "teacher@2", "distill@2", "evaluate"], res.stdout
+    def exp_run(name: str) -> list[str]:
+        argv = ["dvc", "exp", "run", "-n", name] + [x for s in method_commands()[name] for x in ("-S", s)]
+        return re.findall(r"Running stage '([^']+)'", sh(shlex.join(argv), finished_run).stdout)
+
+    assert exp_run("self-training") == ["teacher@1", "distill@1", "teacher@2", "distill@2", "evaluate"]
     report = json.loads((finished_run / "metrics" / "evaluate.json").read_text())
-    assert report["final_stage"] == "distill_2" and {"teacher_1", "teacher_2"} <= set(report["pseudo_labels"])
+    assert report["final_stage"] == "distill_2" and report["pseudo_labels"]["teacher_2"]["threshold"] == 0.95
+    # CRST over self-training: the same teacher@1 labels, another selection and loss from distill@1 on.
+    assert exp_run("crst") == ["distill@1", "teacher@2", "distill@2", "evaluate"]
+    report = json.loads((finished_run / "metrics" / "evaluate.json").read_text())
+    assert report["pseudo_labels"]["teacher_1"]["selection"] == "class-balanced, portion 0.2"
+    assert report["pseudo_labels"]["teacher_2"]["selection"] == "class-balanced, portion 0.25"
+    kd = json.loads((finished_run / "metrics" / "distill_2.json").read_text())
+    assert kd["selection"]["selection"] == "class_balanced" and kd["selection"]["portion"] == 0.25
+    assert set(kd["selection"]["thresholds"]) == set(kd["per_class_iou"])  # one threshold per class, by name
+    assert "regulariser" in kd["final_losses"]

@@ -163,6 +163,7 @@ def run_training(
     section: dict[str, Any],
     inputs: list[Any],
     finalize: Callable[[nn.Module], None] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> dict:
     """Trains `task`, writes ``out.models/{last,best}.pt``, metrics JSON and curves/per-class CSVs (rank 0).
 
@@ -211,6 +212,7 @@ def run_training(
         "train_seconds": round(res.seconds, 2),
         "resumed_from": res.resumed_from,
         "final_losses": res.last_losses,
+        **(extra_metrics or {}),
     }
     if ctx.info.is_main:
         write_json(metrics_path, metrics)

@@ -7,16 +7,19 @@ One home for every selection rule. A selection turns class probabilities ``[B, K
 * :class:`ConfidenceThreshold` keeps a pixel where its top probability is at least a fixed threshold (the KD
   rounds: 0.95; plain self-training);
 * :class:`PrototypeRectification` is ProDA's online denoising: the fixed soft label ``p0`` reweighted by the
-  prototype weights ``omega`` (``y_hat = argmax_k omega_k * p0_k``), then the same threshold (0 in the paper).
+  prototype weights ``omega`` (``y_hat = argmax_k omega_k * p0_k``), then the same threshold (0 in the paper);
+* :class:`ClassBalanced` is CBST's (Zou et al., ECCV 2018): one threshold per class, set over the whole target
+  set by :func:`class_balanced_thresholds` so that each class keeps its most confident ``portion`` of pixels
+  (:func:`portion_at_round` grows it per round), and the class-normalised argmax ``argmax_c p_c / lambda_c``.
 
 The threshold rule itself is :func:`keep_mask`: the quality report uses it too, so the pixels it counts as
-kept are the ones training learns from. Class-balanced thresholds, mixture models and densification are further
-implementations of the same interface.
+kept are the ones training learns from.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,12 +29,27 @@ from torch import Tensor
 from pipeline.data.ignore import IGNORE_INDEX
 
 
-def keep_mask(conf: np.ndarray | Tensor, threshold: float) -> np.ndarray | Tensor:
+def keep_mask(
+    conf: np.ndarray | Tensor, threshold: float | Sequence[float], labels: np.ndarray | Tensor | None = None
+) -> np.ndarray | Tensor:
     """Pixels whose confidence passes ``threshold``: ``conf >= threshold`` (strictly below is dropped).
 
+    ``threshold`` is one number, or one per class (class-balanced), then applied to each pixel's ``labels``
+    (labels outside ``0..K-1``, such as the ignore index, are compared with class 0's; callers drop them).
     The paper keeps ``conf > 0.95``; confidences are stored as float16 (or uint8 levels) and 0.95 is not such a
     value, so ``>=`` and ``>`` keep exactly the same pixels at the thresholds in use."""
-    return conf >= threshold
+    if np.ndim(threshold) == 0:  # one number (a Python or NumPy scalar)
+        return conf >= threshold
+    if labels is None:
+        raise ValueError("per-class thresholds need the labels they apply to")
+    k = len(threshold)
+    if isinstance(conf, Tensor):
+        thr = torch.as_tensor(threshold, dtype=conf.dtype, device=conf.device)
+        lab = torch.as_tensor(labels, device=conf.device).long()
+        return conf >= thr[torch.where((lab >= 0) & (lab < k), lab, 0)]
+    thr_np = np.asarray(threshold, dtype=np.asarray(conf).dtype)
+    lab_np = np.asarray(labels).astype(np.int64)
+    return conf >= thr_np[np.where((lab_np >= 0) & (lab_np < k), lab_np, 0)]
 
 
 def _restrict(labels: Tensor, keep: Tensor, valid: Tensor | None, ignore_index: int) -> Tensor:
@@ -135,3 +153,73 @@ class PrototypeRectification:
 
     def describe(self) -> dict[str, Any]:
         return {"selection": "prototype_rectification", "threshold": self.threshold}
+
+
+def portion_at_round(start: float, step: float, maximum: float, r: int) -> float:
+    """CBST's schedule: the portion of each class kept in round ``r`` (1-based), ``start + (r-1) step`` up to
+    ``maximum`` (the paper: 0.2, +0.05 a round, up to 0.5)."""
+    if r < 1:
+        raise ValueError(f"round {r}: rounds count from 1")
+    return min(maximum, start + (r - 1) * step)
+
+
+def class_balanced_thresholds(
+    labels: Iterable[np.ndarray], conf: Iterable[np.ndarray], num_classes: int, portion: float
+) -> list[float]:
+    """CBST's per-class thresholds over a whole target set: for class c, the confidences of the pixels
+    predicted as c sorted in descending order, ``lambda_c = M_c[floor(len * portion)]`` (the paper's
+    ``k_c = -log lambda_c``), so that ``conf >= lambda_c`` keeps the top ``portion`` of the class (ties
+    included). A class no pixel predicts gets 1.0: only a certain prediction of it would pass.
+
+    ``labels`` and ``conf`` are per-image arrays (hard labels and their confidences, e.g. a store's)."""
+    if not 0.0 <= portion <= 1.0:
+        raise ValueError(f"portion {portion} is not in [0, 1]")
+    per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for lab, c in zip(labels, conf, strict=True):
+        lab, c = np.asarray(lab).ravel(), np.asarray(c, dtype=np.float32).ravel()
+        for k in np.unique(lab):
+            if 0 <= k < num_classes:
+                per_class[k].append(c[lab == k])
+    out = []
+    for values in per_class:
+        if not values:
+            out.append(1.0)
+            continue
+        m = np.sort(np.concatenate(values))[::-1]
+        out.append(float(m[min(int(len(m) * portion), len(m) - 1)]))
+    return out
+
+
+@dataclass(frozen=True)
+class ClassBalanced:
+    """CBST's selection with per-class thresholds ``lambda`` (:func:`class_balanced_thresholds`): the label is
+    the class-normalised argmax ``argmax_c p_c / lambda_c``, kept where ``p_c / lambda_c >= 1``."""
+
+    thresholds: list[float]
+    portion: float | None = None  # recorded only (how the thresholds were set)
+    ignore_index: int = IGNORE_INDEX
+    _lam: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lam = torch.tensor(self.thresholds, dtype=torch.float32)
+        if (lam <= 0).any():
+            raise ValueError(f"class thresholds must be positive, got {self.thresholds}")
+        object.__setattr__(self, "_lam", lam)
+
+    def select(self, prob: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if prob.shape[1] != len(self.thresholds):
+            raise ValueError(f"{prob.shape[1]} classes for {len(self.thresholds)} thresholds")
+        lam = self._lam.to(prob.device)[None, :, None, None]
+        ratio = prob.float() / lam
+        best, labels = ratio.max(dim=1)
+        conf = prob.float().gather(1, labels[:, None])[:, 0]
+        return _restrict(labels, best >= 1.0, valid, self.ignore_index), conf
+
+    def apply(self, labels: Tensor, conf: Tensor, valid: Tensor | None = None) -> Tensor:
+        """The thresholds on labels that are already hard (a store's ``label`` and ``conf``)."""
+        labels = labels.long()
+        keep = keep_mask(conf.float(), self.thresholds, labels) & (labels != self.ignore_index)
+        return _restrict(labels, keep, valid, self.ignore_index)
+
+    def describe(self) -> dict[str, Any]:
+        return {"selection": "class_balanced", "portion": self.portion, "thresholds": list(self.thresholds)}

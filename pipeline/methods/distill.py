@@ -1,8 +1,10 @@
 """Knowledge-distillation rounds (ProDA stages 2/3).
 
-Loss = source CE + CE on the teacher's hard labels above the confidence threshold (strong view)
+Loss = source CE + CE on the teacher's hard labels kept by the round's selection (strong view)
 + β·KL(p_teacher || p_student), the KL computed with the student's log-probabilities (the public code passes
-probabilities where `kl_div` needs log-probabilities, so its term can go negative; this one cannot).
+probabilities where `kl_div` needs log-probabilities, so its term can go negative; this one cannot)
+[+ CRST's MRKLD regulariser]. With ``kd_beta: 0`` and the teacher of round 1 being the warm-up, the rounds are
+plain self-training; ``selection.kind: class_balanced`` makes them CBST, and the regulariser CRST.
 """
 
 from __future__ import annotations
@@ -31,22 +33,26 @@ from pipeline.engine.training import (
     wrap_ddp,
 )
 from pipeline.files import sha256_file
-from pipeline.maths.losses import cross_entropy, kd_kl
+from pipeline.maths.losses import cross_entropy, entropy_regulariser, kd_kl
 from pipeline.maths.resize import resize_bilinear
-from pipeline.maths.selection import ConfidenceThreshold
+from pipeline.maths.selection import ClassBalanced, ConfidenceThreshold
+from pipeline.methods.rounds import round_selection
 from pipeline.methods.self_training import TargetViews
 from pipeline.models import SegModel, load_backbone_weights, param_groups
 from pipeline.store.pseudo_store import PseudoLabelStore
 
 # The loss terms of a KD round.
-HARD_CE = Term("hard_ce", "CE on the teacher's labels kept by the confidence threshold (strong view)", always=True)
+HARD_CE = Term("hard_ce", "CE on the teacher's labels kept by the round's selection (strong view)", always=True)
 KD = Term("kd", "KL(p_teacher || p_student) on the teacher's soft map", weight_key="kd_beta")
-TERMS = (SOURCE_CE, HARD_CE, KD)
+REGULARISER = Term("regulariser", "CRST's MRKLD: -mean log p of the student's target prediction (KL to uniform)")
+TERMS = (SOURCE_CE, HARD_CE, KD, REGULARISER)
 
 
 class DistillTask:
-    def __init__(self, ctx: Context, model: nn.Module, p: DistillParams) -> None:
-        self.p, self.ctx = p, ctx
+    def __init__(
+        self, ctx: Context, model: nn.Module, p: DistillParams, selection: ConfidenceThreshold | ClassBalanced
+    ) -> None:
+        self.p, self.ctx, self.selection = p, ctx, selection
         self.net = wrap_ddp(model, ctx)
         groups = param_groups(model, p.optim.lr, p.optim.head_lr_mult, p.optim.weight_decay)
         self._opt = build_optimizer(groups, p.optim)
@@ -82,15 +88,21 @@ class DistillTask:
                 # Stored probabilities are rounded (uint8: each class to 1/255, float16), so a pixel sums to 1
                 # only within about K/510: renormalised, the KD target is a distribution and its KL is >= 0.
                 t_soft = t_soft / t_soft.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-                conf, label = t_soft.max(dim=1)
+                if isinstance(self.selection, ClassBalanced):  # the class-normalised argmax needs every class
+                    label, _ = self.selection.select(t_soft, valid)
+                else:
+                    conf, label = t_soft.max(dim=1)
+                    label = self.selection.apply(label, conf, valid)
             else:
                 t_soft = None
                 label = warp_to_view(tgt["pl_label"], tgt["coords"], out_size, mode="nearest", fill=IGNORE)
                 conf = warp_to_view(tgt["pl_conf"].float(), tgt["coords"], out_size, mode="nearest")
-            label = ConfidenceThreshold(p.conf_threshold, IGNORE).apply(label, conf, valid)
+                label = self.selection.apply(label, conf, valid)
         losses.add(HARD_CE, cross_entropy(s_logits, label, IGNORE))
         if t_soft is not None and losses.on(KD):
             losses.add(KD, kd_kl(t_soft, s_logits, valid))
+        if losses.on(REGULARISER):
+            losses.add(REGULARISER, entropy_regulariser(s_logits, valid))
         return losses.total, losses.logs
 
 
@@ -127,9 +139,10 @@ def train_distill(
     store.check_matches(data.dataset("target_train", with_labels=False).ids, ctx.class_names)
     if p.kd_beta > 0 and not store.has_soft:
         raise ValueError(f"distill.kd_beta > 0 needs soft labels, but {store_path} has none (teacher.store_soft)")
+    selection = round_selection(p.selection, p.conf_threshold, r, store_path)
     model, mp = student(ctx, p, r, teacher_path)
     model.set_freeze_bn(p.freeze_bn).train()
-    task = DistillTask(ctx, model, p)
+    task = DistillTask(ctx, model, p, selection)
     bs = p.optim.batch_size
     streams = {
         "source": stream(ctx, data, "source", True, WeakTransform(p.view), bs, salt=0),
@@ -150,4 +163,13 @@ def train_distill(
         section=p.model_dump(mode="json"),
         inputs=inputs,
         finalize=precise_bn(ctx, data, p.precise_bn, eval_batch),
+        extra_metrics={"selection": describe_selection(selection, ctx.class_names)},
     )
+
+
+def describe_selection(selection: ConfidenceThreshold | ClassBalanced, class_names: list[str]) -> dict:
+    """The selection a round trained with, for its metrics (class-balanced thresholds by class name)."""
+    d = selection.describe()
+    if "thresholds" in d:
+        d["thresholds"] = {n: round(t, 6) for n, t in zip(class_names, d["thresholds"], strict=True)}
+    return d

@@ -9,7 +9,7 @@ is measured too and labelled optimistic.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.context import Context, Data, load_model
 from pipeline.engine.loop import evaluate, predict_logits
 from pipeline.maths.metrics import ConfusionMatrix, class_argmax
+from pipeline.maths.selection import ClassBalanced
 from pipeline.methods.pseudo_labels import gt_loader
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import evaluate_store_quality
@@ -61,6 +62,8 @@ class PseudoStore:
     dvc_stage: str
     path: Path
     threshold: float
+    # Per-class thresholds made from the store itself (a class-balanced round): called once the store exists.
+    selection: Callable[[], ClassBalanced] | None = None
 
 
 def check_inputs(models: Sequence[StageModel], stores: Sequence[PseudoStore]) -> None:
@@ -114,7 +117,10 @@ class Report:
             },
             "gap_closed": self.gap_closed,
             "pseudo_labels": {
-                n: {k: _json_num(q[k]) for k in ("threshold", "coverage", "pixel_acc", "miou")}
+                n: {
+                    **{k: _json_num(q[k]) for k in ("threshold", "coverage", "pixel_acc", "miou")},
+                    **({"selection": q["selection"]} if "selection" in q else {}),
+                }
                 for n, q in self.pseudo_labels.items()
             },
             "final_stage": self.final_stage,
@@ -214,13 +220,21 @@ def pseudo_label_quality(ctx: Context, data: Data, stores: Sequence[PseudoStore]
     for s in stores:
         store = PseudoLabelStore(s.path)
         store.check_matches(ids, ctx.class_names)
-        q = evaluate_store_quality(store, load, s.threshold, ctx.class_names)
+        if s.selection is not None:
+            sel = s.selection()
+            threshold, extra = (
+                sel.thresholds,
+                {"threshold": None, "selection": f"class-balanced, portion {sel.portion:g}"},
+            )
+        else:
+            threshold, extra = s.threshold, {"threshold": s.threshold}
+        q = evaluate_store_quality(store, load, threshold, ctx.class_names)
         if q is None:
             msg = f"pseudo-label quality of {s.path} skipped: target train has no ground truth"
             print(f"[{ctx.stage}] {msg}", flush=True)
             notes.append(msg)
             continue
-        out[s.name] = {**q, "threshold": s.threshold}
+        out[s.name] = {**q, **extra}
     return out, notes
 
 

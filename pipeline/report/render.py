@@ -64,7 +64,12 @@ def write_csvs(report: Report, out: ReportOutputs) -> None:
     quality = [["round", "labels", "threshold", "coverage", "pixel_acc", "miou"]]
     for n, q in sorted(report.pseudo_labels.items(), key=lambda kv: pseudo_label_round(kv[0])):
         quality.append(
-            [pseudo_label_round(n), n, q["threshold"], *(_pct_cell(q[k]) for k in ("coverage", "pixel_acc", "miou"))]
+            [
+                pseudo_label_round(n),
+                n,
+                q.get("selection") or q["threshold"],
+                *(_pct_cell(q[k]) for k in ("coverage", "pixel_acc", "miou")),
+            ]
         )
     write_csv(out.plots / PSEUDO_LABELS_CSV, quality)
     # Raw counts of the final model: rows ground truth, columns prediction (+ predictions outside the classes).
@@ -296,9 +301,8 @@ def markdown(report: Report) -> str:
         ]
         for n, q in report.pseudo_labels.items():
             what = "warm-up soft labels (stage 1)" if n == WARMUP else f"teacher round {n.removeprefix('teacher_')}"
-            lines.append(
-                f"| {what} | {q['threshold']:g} | {_fmt(q['coverage'])} | {_fmt(q['pixel_acc'])} | {_fmt(q['miou'])} |"
-            )
+            rule = q.get("selection") or f"{q['threshold']:g}"
+            lines.append(f"| {what} | {rule} | {_fmt(q['coverage'])} | {_fmt(q['pixel_acc'])} | {_fmt(q['miou'])} |")
         lines += [
             "",
             "Coverage: share of labelled pixels whose confidence passes the threshold; accuracy and mIoU are "

@@ -50,7 +50,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
         q_rows = [
             [
                 n,
-                _num(q.get("threshold"), "{:g}"),
+                q.get("selection") or _num(q.get("threshold"), "{:g}"),
                 _num(q.get("coverage")),
                 _num(q.get("pixel_acc")),
                 _num(q.get("miou")),

@@ -456,14 +456,15 @@ class PseudoLabelStore:
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def get(self, image_id: str) -> dict[str, np.ndarray]:
-        """``label`` uint8 [h, w], ``conf`` float32 [h, w] and, when stored, ``soft`` float32 [K, h, w]."""
+    def get(self, image_id: str, with_soft: bool = True) -> dict[str, np.ndarray]:
+        """``label`` uint8 [h, w], ``conf`` float32 [h, w] and, when stored (and ``with_soft``), ``soft``
+        float32 [K, h, w]."""
         i = self.index_of(image_id)
         out = {
             "label": self._read("label", i).astype(np.uint8, copy=True),
             "conf": self._read("conf", i).astype(np.float32),
         }
-        if "soft" in self._arrays:
+        if with_soft and "soft" in self._arrays:
             soft = self._read("soft", i)
             out["soft"] = soft.astype(np.float32) / 255.0 if soft.dtype == np.uint8 else soft.astype(np.float32)
         return out

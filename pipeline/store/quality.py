@@ -45,9 +45,10 @@ def _pct(x: float) -> float | None:
 class QualityAccumulator:
     """Accumulates pseudo-label quality over images; see the module docstring for the definitions."""
 
-    def __init__(self, num_classes: int, threshold: float, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, num_classes: int, threshold: float | Sequence[float], ignore_index: int = IGNORE_INDEX) -> None:
         self.num_classes = num_classes
-        self.threshold = float(threshold)
+        # One threshold, or one per class (class-balanced selection), applied to each pixel's pseudo label.
+        self.threshold = float(threshold) if np.ndim(threshold) == 0 else [float(t) for t in threshold]
         self.ignore_index = ignore_index
         self.cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.kept_per_class = np.zeros(num_classes, dtype=np.int64)
@@ -80,7 +81,7 @@ class QualityAccumulator:
         valid = gt_t != self.ignore_index
         if valid.any() and (int(gt_t[valid].max()) >= k or int(gt_t[valid].min()) < 0):
             raise ValueError(f"ground-truth value outside 0..{k - 1} (and not {self.ignore_index})")
-        kept = valid & keep_mask(conf_t, self.threshold) & (label_t != self.ignore_index)
+        kept = valid & keep_mask(conf_t, self.threshold, label_t) & (label_t != self.ignore_index)
         kept_label = label_t[kept]
         self.cm.update(kept_label, gt_t[kept])
         self.kept_per_class += torch.bincount(kept_label.clamp(0, k), minlength=k + 1)[:k].numpy()
@@ -157,7 +158,7 @@ def _prefetch(
 def evaluate_store_quality(
     store: PseudoLabelStore,
     gt_loader: Callable[[str], np.ndarray | None],
-    threshold: float,
+    threshold: float | Sequence[float],
     class_names: Sequence[str],
     num_threads: int = 2,
 ) -> dict[str, Any] | None:
