@@ -168,6 +168,33 @@ def row(name: str, per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def last_round_quality(r: dict[str, Any]) -> str:
+    """Coverage / accuracy (%) of the hard labels of the method's last round, or of the warm-up soft labels."""
+    stores = r["pseudo_labels"]
+    teachers = sorted((k for k in stores if k.startswith("teacher_")), key=lambda k: int(k.split("_")[1]))
+    if not teachers:
+        return ""
+    q = stores[teachers[-1]]
+    return " / ".join("—" if q[k] is None else f"{q[k]:.0f}" for k in ("coverage_mean", "pixel_acc_mean"))
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| method | its warm-up | final mIoU | gap closed | final − AdaBN warm-up, per seed "
+        "| last round's labels: coverage / acc. | wall s a seed | paper, GTA5→CS |"
+    )
+    lines = [head, "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        wall = mean_std(r["wall_s_per_seed"])[0]
+        lines.append(
+            f"| {r['method']} | {pm(r['warmup_miou_mean'], None)} | {pm(r['miou_mean'], r['miou_std'])} "
+            f"| {pm(r['gap_closed_mean'], r['gap_closed_std'])}{'' if r['gap_closed_mean'] is None else '%'} "
+            f"| {', '.join(f'{d:+.1f}' for d in r['final_minus_adabn_warmup'])} | {last_round_quality(r)} "
+            f"| {'' if wall is None else f'{wall:.0f}'} | {r['published_gta5_cityscapes'] or ''} |"
+        )
+    return "\n".join(lines)
+
+
 def pm(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "—"
@@ -180,6 +207,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     ap.add_argument("--workdir", type=Path, help="folder for the seed_<s> workspaces (default: a temp dir, kept)")
     ap.add_argument("--reuse", type=Path, help="aggregate the workspaces under this folder instead of running")
+    ap.add_argument("--markdown", action="store_true", help="also print the table as Markdown (the README's)")
     args = ap.parse_args()
     names = ["proda"] + [n for n in args.methods if n != "proda"]  # the default first: the others reuse its stages
 
@@ -215,6 +243,8 @@ def main() -> None:
             ],
         )
     )
+    if args.markdown:
+        print(markdown(rows))
     # Cost: the benchmark's wall time against what the methods' own stages took (the stages DVC ran).
     stage_s = sum(
         sum(m["timing"]["stages"].values()) for runs in per_seed.values() for m in runs.values() if m["timing"]

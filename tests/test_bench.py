@@ -215,7 +215,7 @@ def test_methods_reuse_table(tmp_path: Path) -> None:
                 (tmp_path / "runs" / f"{seed}-{method}/metrics/evaluate.json").read_bytes()
             )
     out = tmp_path / "methods.json"
-    text = bench("bench_methods", "--reuse", str(tmp_path / "methods"), "--out", str(out))
+    text = bench("bench_methods", "--reuse", str(tmp_path / "methods"), "--markdown", "--out", str(out))
     data = result(out, {"rows", "per_seed", "methods", "cost_ratio"})
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"proda", "self-training", "cbst", "crst", "adaptsegnet"}
@@ -225,3 +225,4 @@ def test_methods_reuse_table(tmp_path: Path) -> None:
     assert st["gap_closed_mean"] == pytest.approx((30.0 + 8 / 18 * 100) / 2)
     assert rows["adaptsegnet"]["seeds"] == [] and rows["proda"]["published_gta5_cityscapes"] == 57.5
     assert "self-training" in text and data["cost_ratio"] is None
+    assert "| self-training | 21.0 | 28.0 ± 2.8 | 37.2 ± 10.2% | +6.0, +8.0 |  |  |  |" in text
