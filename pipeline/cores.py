@@ -4,19 +4,24 @@ Two processes that each run torch's default thread team (one thread per core) on
 other about 4x on a 2-core VM, up to 15x on another (libgomp's threads spin while they wait for their team, and
 the other process holds the core they wait for; bench/RESULTS.md). What a user meets with `dvc queue start -j 2`,
 tests beside a run, or two stages at once. One thread per process removes the contention, but a lone job with one
-thread is about 1.45x slower. So each job registers itself in a small directory of pid files, and its thread
-count follows the number of live jobs: ``max(1, cores // jobs)``, re-read every ``interval_s`` at a step or batch
-boundary. A lone job keeps torch's default.
+thread is about 1.45x slower. So each job registers itself in a small directory, and its thread count follows the
+number of live jobs: ``max(1, cores // jobs)``, re-read every ``interval_s`` at a step or batch boundary. A lone
+job keeps torch's default.
+
+A job's entry is a file named by its pid on which it holds an exclusive ``flock`` for its whole life: the kernel
+drops the lock however the process ends (SIGKILL included), so an entry whose lock can be taken is stale, whatever
+became of its pid since.
 
 Thread counts change the order of floating-point reductions: a run that shared its cores is not bit-identical to
-a lone run of the same seed. ``base.threads`` fixes the count (the job still registers, so that others make
-room for it).
+a lone run of the same seed. ``base.threads`` (or ``OMP_NUM_THREADS`` in the environment) fixes the count; the
+job still registers, so that others make room for it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import os
 import tempfile
 import time
@@ -34,29 +39,32 @@ def default_registry() -> Path:
     return Path(env) if env else Path(tempfile.gettempdir()) / f"pipeline-jobs-{os.getuid()}"
 
 
-def _alive(pid: int) -> bool:
+def _held(path: Path) -> bool:
+    """Whether a live process holds the lock of the entry ``path``; a stale entry is removed."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         return False
-    except PermissionError:  # another user's live process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    else:
+        # Stale: its process is gone. Removed while we hold its lock, so a job that opened the same path
+        # meanwhile finds its inode unlinked and makes a new entry (see CoreShare.join).
+        path.unlink(missing_ok=True)
+        return False
+    finally:
+        os.close(fd)
 
 
 def live_jobs(registry: Path) -> list[int]:
-    """Pids registered in ``registry`` whose process is alive; entries of dead processes (a SIGKILLed job) are
-    removed."""
+    """Pids of the registered jobs that are alive (their entry's lock is held); stale entries are removed."""
     pids = []
     with contextlib.suppress(FileNotFoundError):
         for entry in registry.iterdir():
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            if _alive(pid):
-                pids.append(pid)
-            else:
-                entry.unlink(missing_ok=True)
+            if entry.name.isdigit() and _held(entry):
+                pids.append(int(entry.name))
     return sorted(pids)
 
 
@@ -74,17 +82,33 @@ class CoreShare:
         self.interval_s = interval_s
         # torch's default before anyone changed it: one thread per physical core, or OMP_NUM_THREADS.
         self.cores = torch.get_num_threads()
-        self.entry = self.registry / str(os.getpid())
+        self.pid = os.getpid()
+        self.entry = self.registry / str(self.pid)
         self.threads = 0
+        self._fd: int | None = None
         self._checked = 0.0
 
     def join(self) -> int:
         self.registry.mkdir(parents=True, exist_ok=True)
-        self.entry.touch()
+        while True:
+            fd = os.open(self.entry, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits while another job is removing a stale entry of this pid
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.entry).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                break
+            os.close(fd)  # the entry was removed as stale before we locked it: make a new one
         return self.rebalance(force=True)
 
     def leave(self) -> None:
+        if self._fd is None or os.getpid() != self.pid:  # a forked child never removes its parent's entry
+            return
         self.entry.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
 
     def rebalance(self, force: bool = False) -> int:
         """Sets the thread count from the jobs alive now; cheap between checks (one clock read)."""
@@ -92,7 +116,8 @@ class CoreShare:
         if not force and now - self._checked < self.interval_s:
             return self.threads
         self._checked = now
-        want = self.fixed or share(self.cores, len(live_jobs(self.registry)))
+        jobs = len(set(live_jobs(self.registry)) | {self.pid})  # itself, even if its entry was deleted
+        want = self.fixed or share(self.cores, jobs)
         if want != self.threads:
             torch.set_num_threads(want)
             self.threads = want
@@ -103,16 +128,24 @@ _current: CoreShare | None = None
 
 
 def join(fixed: int = 0) -> CoreShare:
-    """Registers this process as a job (once per process) and sets its threads; it leaves at exit."""
+    """Registers this process as a job (once per process) and sets its threads; it leaves at exit.
+
+    ``fixed`` > 0 pins the thread count, as does ``OMP_NUM_THREADS`` set in the environment (a count a user or
+    a launcher such as torchrun chose for this process)."""
     global _current
-    if _current is None or _current.entry.name != str(os.getpid()):
+    if not fixed and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        fixed = int(os.environ["OMP_NUM_THREADS"])
+    if _current is None or _current.pid != os.getpid():
         _current = CoreShare(fixed)
         _current.join()
         atexit.register(_current.leave)
+    else:
+        _current.fixed = fixed
+        _current.rebalance(force=True)
     return _current
 
 
 def rebalance() -> None:
     """Called at step and batch boundaries: follows the number of jobs sharing the cores (no-op if not joined)."""
-    if _current is not None and _current.entry.name == str(os.getpid()):  # not in a forked loader worker
+    if _current is not None and _current.pid == os.getpid():  # not in a forked loader worker
         _current.rebalance()

@@ -155,6 +155,12 @@ class PrototypeRectification:
         return {"selection": "prototype_rectification", "threshold": self.threshold}
 
 
+def renormalise(prob: Tensor, dim: int = 1) -> Tensor:
+    """Stored probabilities made a distribution again: rounded ones (uint8 to 1/255 per class, float16) sum to 1
+    only within about K/510. A pixel of all zeros (padding) stays zero."""
+    return prob / prob.sum(dim=dim, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def portion_at_round(start: float, step: float, maximum: float, r: int) -> float:
     """CBST's schedule: the portion of each class kept in round ``r`` (1-based), ``start + (r-1) step`` up to
     ``maximum`` (the paper: 0.2, +0.05 a round, up to 0.5)."""

@@ -35,7 +35,7 @@ from pipeline.engine.training import (
 from pipeline.files import sha256_file
 from pipeline.maths.losses import cross_entropy, entropy_regulariser, kd_kl
 from pipeline.maths.resize import resize_bilinear
-from pipeline.maths.selection import ClassBalanced, ConfidenceThreshold
+from pipeline.maths.selection import ClassBalanced, ConfidenceThreshold, renormalise
 from pipeline.methods.rounds import round_selection
 from pipeline.methods.self_training import TargetViews
 from pipeline.models import SegModel, load_backbone_weights, param_groups
@@ -87,7 +87,7 @@ class DistillTask:
                 t_soft = warp_to_view(tgt["soft"].float(), tgt["coords"], out_size)
                 # Stored probabilities are rounded (uint8: each class to 1/255, float16), so a pixel sums to 1
                 # only within about K/510: renormalised, the KD target is a distribution and its KL is >= 0.
-                t_soft = t_soft / t_soft.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+                t_soft = renormalise(t_soft)
                 if isinstance(self.selection, ClassBalanced):  # the class-normalised argmax needs every class
                     label, _ = self.selection.select(t_soft, valid)
                 else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from pipeline.engine.loop import evaluate, predict_logits
 from pipeline.maths.metrics import ConfusionMatrix, class_argmax
 from pipeline.maths.selection import ClassBalanced
 from pipeline.methods.pseudo_labels import gt_loader
+from pipeline.methods.rounds import kept_labels
 from pipeline.store.pseudo_store import PseudoLabelStore
 from pipeline.store.quality import evaluate_store_quality
 
@@ -220,15 +222,13 @@ def pseudo_label_quality(ctx: Context, data: Data, stores: Sequence[PseudoStore]
     for s in stores:
         store = PseudoLabelStore(s.path)
         store.check_matches(ids, ctx.class_names)
-        if s.selection is not None:
+        if s.selection is not None:  # the labels a class-balanced round trains with, by the KD step's rule
             sel = s.selection()
-            threshold, extra = (
-                sel.thresholds,
-                {"threshold": None, "selection": f"class-balanced, portion {sel.portion:g}"},
-            )
+            extra = {"threshold": None, "selection": f"class-balanced, portion {sel.portion:g}"}
+            q = evaluate_store_quality(store, load, 0.0, ctx.class_names, select=partial(kept_labels, sel))
         else:
-            threshold, extra = s.threshold, {"threshold": s.threshold}
-        q = evaluate_store_quality(store, load, threshold, ctx.class_names)
+            extra = {"threshold": s.threshold}
+            q = evaluate_store_quality(store, load, s.threshold, ctx.class_names)
         if q is None:
             msg = f"pseudo-label quality of {s.path} skipped: target train has no ground truth"
             print(f"[{ctx.stage}] {msg}", flush=True)

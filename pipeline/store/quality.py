@@ -161,10 +161,13 @@ def evaluate_store_quality(
     threshold: float | Sequence[float],
     class_names: Sequence[str],
     num_threads: int = 2,
+    select: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any] | None:
     """Quality summary of every image in ``store`` that has ground truth, or None if none has any.
 
     ``gt_loader(id)`` returns the ground-truth train-id map [H, W] of an image, or None when it has none.
+    ``select(record)``, if given, makes an image's kept labels and their confidences from its store record
+    (``ignore_index`` where not kept; ``threshold`` then applies on top, normally 0).
     """
     if store.num_classes != len(class_names):
         raise ValueError(f"pseudo-label store {store.path} has {store.num_classes} classes, got {len(class_names)}")
@@ -175,7 +178,8 @@ def evaluate_store_quality(
         if gt is None or rec is None:
             without_gt += 1
             continue
-        acc.update(rec["label"], rec["conf"], gt)
+        label, conf = select(rec) if select is not None else (rec["label"], rec["conf"])
+        acc.update(label, conf, gt)
     if acc.num_images == 0:
         logger.info(
             "no ground truth for any of the %d images in %s: pseudo-label quality skipped",
