@@ -169,19 +169,19 @@ def row(name: str, per_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def last_round_quality(r: dict[str, Any]) -> str:
-    """Coverage / accuracy (%) of the hard labels of the method's last round, or of the warm-up soft labels."""
+    """Coverage / accuracy / mIoU (%) of the hard labels of the method's last round."""
     stores = r["pseudo_labels"]
     teachers = sorted((k for k in stores if k.startswith("teacher_")), key=lambda k: int(k.split("_")[1]))
     if not teachers:
         return ""
     q = stores[teachers[-1]]
-    return " / ".join("—" if q[k] is None else f"{q[k]:.0f}" for k in ("coverage_mean", "pixel_acc_mean"))
+    return " / ".join("—" if q[k] is None else f"{q[k]:.0f}" for k in ("coverage_mean", "pixel_acc_mean", "miou_mean"))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| method | its warm-up | final mIoU | gap closed | final − AdaBN warm-up, per seed "
-        "| last round's labels: coverage / acc. | wall s a seed | paper, GTA5→CS |"
+        "| last round's labels: coverage / acc. / mIoU | wall s a seed | paper, GTA5→CS |"
     )
     lines = [head, "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
